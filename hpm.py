@@ -1,0 +1,309 @@
+"""hpm.py: Hard Patches Mining (Wang et al., CVPR 2023; TPAMI extension): MAE plus a loss predictor, a
+second decoder tower that learns which patches are hard to reconstruct (a pairwise ranking loss on the
+per-patch reconstruction losses). An EMA copy of the model scores the full image and the predicted-
+hardest patches are masked, a share that grows over training from 0 to half of the masked patches.
+Paper: arXiv 2304.05919 (TPAMI: 2312.13714).  Run: torchrun --nproc_per_node=8 hpm.py --data_path /imagenet/train
+Shapes: B batch, N patches, K kept (visible), M masked, D encoder width, Dd decoder width, P = patch*patch*3.
+To reuse: copy this file and common.py."""
+import copy
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import common
+from common import Block, gather_tokens, patchify
+
+
+# --- config ---------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    data_path: str = ""  # ImageFolder of training images (one sub-folder per class), or the word cifar10
+    data_root: str = "./data"  # where --data_path cifar10 is downloaded to
+    output_dir: str = "./output_hpm"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
+    model: str = "vit_base"  # encoder: vit_tiny, vit_small, vit_base, vit_large (paper: ViT-B/16, ViT-L/16)
+    input_size: int = 224  # image side in pixels
+    patch_size: int = 16  # patch side; the grid is input_size // patch_size
+    drop_path: float = 0.0  # stochastic depth of the encoder (spec 5: 0 in pretraining)
+    decoder_dim: int = 512  # width of both decoder towers (spec 2: 512)
+    decoder_depth: int = 8  # blocks in each tower; the predictor is as deep as the decoder (spec 2: 8)
+    decoder_heads: int = 16  # attention heads in the towers (spec 2: 16)
+    mask_ratio: float = 0.75  # share of masked patches (spec 5: 0.75, 49 of 196 visible)
+    norm_pix_loss: bool = False  # per-patch normalised pixel targets (released commands: off; MAE: on)
+    learning_loss: bool = True  # loss predictor + hard patches mining; --no-learning_loss is plain MAE
+    relative: bool = True  # pairwise ranking loss (spec 3.7); --no-relative: z-scored MSE ablation
+    hard_ratio_max: float = 0.5  # alpha_T, the final share of hard patches among masked ones (spec 3.4)
+    epochs: int = 200  # pretraining epochs (PRETRAIN.md: 200; scripts: 800)
+    warmup_epochs: int = 40  # linear lr warmup (spec 5)
+    batch_size: int = 2048  # global batch, the paper's number (PRETRAIN.md: 32 x 8 GPUs x 8 accumulation)
+    micro_batch: int = 64  # per-device batch; gradient accumulation makes up batch_size (speed/memory only)
+    blr: float = 1.5e-4  # base lr; lr = blr * batch_size / 256 (spec 5)
+    min_lr: float = 0.0  # end of the cosine decay (spec 5)
+    weight_decay: float = 0.05  # AdamW, betas (0.9, 0.95); no decay on biases and norms (spec 5)
+    clip_grad: float = 5.0  # global grad-norm clip, on by default in the official loss scaler (spec 3.8)
+    num_workers: int = 10  # data loader processes per device
+    seed: int = 0  # each process uses seed + rank
+    device: str = "auto"  # auto (cuda if available), cuda or cpu
+    dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16
+    compile: bool = False  # torch.compile each transformer block
+    resume: str = ""  # checkpoint to resume from; default: output_dir/checkpoint.pth if it exists
+    log_every: int = 50  # optimizer steps between log lines
+
+    presets: ClassVar[dict] = {
+        # ViT-Tiny/4 at 32 px with a light decoder; learns in well under an hour on one GPU.
+        "cifar10": dict(model="vit_tiny", input_size=32, patch_size=4, decoder_dim=128, decoder_depth=4,
+                        decoder_heads=4, epochs=100, warmup_epochs=10, batch_size=512, micro_batch=256,
+                        num_workers=8, output_dir="./output_hpm_cifar10"),
+    }
+
+
+# --- method ---------------------------------------------------------------------------------------
+def mask_order(batch, num_patches, device, scores=None, num_hard=0):
+    """Per-image patch order whose first K entries are the visible patches (spec 3.4). The num_hard
+    highest-scoring patches are always masked; of the remaining N - num_hard, a uniformly random set of
+    K stays visible (the official per-image numpy loop, vectorised: same distribution). num_hard = 0
+    is MAE's uniform random mask. scores: (B, N) teacher difficulty. -> ids (B, N)."""
+    noise = torch.rand(batch, num_patches, device=device)  # in [0, 1): a uniform random order
+    if num_hard > 0:
+        hard = scores.topk(num_hard, dim=1).indices  # (B, num_hard)
+        noise.scatter_(1, hard, 2.0)  # sorted after every other patch, so never among the first K
+    return noise.argsort(dim=1)
+
+
+def order_to_mask(ids, num_visible):
+    """ids (B, N) -> bool mask (B, N), True = hidden."""
+    return torch.ones_like(ids, dtype=torch.bool).scatter_(1, ids[:, :num_visible], False)
+
+
+def hard_count(num_masked, epoch, epochs, alpha_max=0.5):
+    """n_hard = floor(M * alpha), alpha = alpha_max * (e + 1) / T, constant within an epoch (spec 3.4;
+    same float expression as the official code, so the floor lands on the same integers)."""
+    return int(num_masked * (float((epoch + 1) / epochs) * alpha_max))
+
+
+def ema_momentum(epoch):
+    """Teacher momentum, set per epoch: 0.999 rising linearly to 0.9999 at epoch 100 (spec 2)."""
+    return 0.999 + epoch / 100 * (0.9999 - 0.999) if epoch < 100 else 0.9999
+
+
+def reconstruction_loss(recon, target, norm_pix):
+    """Per-patch MSE (B, M) against pixels, optionally normalised per patch (unbiased var, +1e-6)."""
+    target = target.float()
+    if norm_pix:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    return (recon.float() - target).pow(2).mean(-1)
+
+
+def ranking_loss(pred, target):
+    """Relative loss (spec 3.7): for every ordered pair (i, j) of masked patches of one image with
+    target_i != target_j, binary cross-entropy of sigmoid(pred_j - pred_i) against [target_j > target_i];
+    mean over all valid pairs of the batch, ties excluded. -log sigmoid(s*d) = softplus(-s*d).
+    NOTE(official): the official code adds 1e-6 inside each log (allowed simplification, spec 9).
+    pred, target: (B, M); target must be detached."""
+    pred, target = pred.float(), target.float()
+    diff = pred.unsqueeze(1) - pred.unsqueeze(2)  # (B, M, M): [b, i, j] = pred_j - pred_i
+    sign = torch.sign(target.unsqueeze(1) - target.unsqueeze(2))  # +1, -1, or 0 for ties and i == j
+    valid = sign != 0
+    return (F.softplus(-sign * diff) * valid).sum() / valid.sum().clamp(min=1)
+
+
+def absolute_loss(pred, target):
+    """Absolute ablation (spec 3): MSE to the per-image z-scored target (unbiased var, +1e-6)."""
+    target = target.float()
+    z = (target - target.mean(1, keepdim=True)) / (target.var(1, keepdim=True) + 1e-6).sqrt()
+    return (pred.float() - z).pow(2).mean()
+
+
+@torch.no_grad()
+def rank_correlation(a, b):
+    """Diagnostic: mean over images of Spearman's rank correlation between a and b, (B, M)."""
+    ra, rb = (x.argsort(1).argsort(1).float() for x in (a, b))
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+    return ((ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1)).clamp(min=1e-12)).mean()
+
+
+class Tower(nn.Module):
+    """One decoder tower of MAE: transformer blocks, a final norm, a linear head."""
+    def __init__(self, dim, depth, heads, out_dim):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, out_dim)
+
+    def features(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+def predicted_loss(tower, features):
+    """The loss predictor's score per token: the mean of its P head outputs (spec 2, invariant 14),
+    computed with the mean head row (same value and gradients, no (B, T, P) tensor). -> (B, T)"""
+    w, b = tower.head.weight, tower.head.bias
+    return F.linear(features, w.mean(0, keepdim=True), b.mean(0, keepdim=True)).squeeze(-1)
+
+
+class HPM(nn.Module):
+    """MAE with a loss predictor and hard-patch masking. `loss, stats = model(images, progress)`.
+    learning_loss=False is plain MAE (random masks, no predictor, no teacher)."""
+
+    def __init__(self, encoder, decoder_dim=512, decoder_depth=8, decoder_heads=16, mask_ratio=0.75,
+                 norm_pix_loss=False, learning_loss=True, relative=True, hard_ratio_max=0.5, epochs=200):
+        super().__init__()
+        self.encoder, N = encoder, encoder.num_patches
+        self.num_visible = int(N * (1 - mask_ratio))  # K, as the official int(L * (1 - r))
+        self.num_masked = N - self.num_visible  # M
+        self.norm_pix_loss, self.relative, self.hard_ratio_max, self.epochs = (
+            norm_pix_loss, relative, hard_ratio_max, epochs)
+        out_dim = encoder.patch_size ** 2 * 3
+        # Decoder stem shared by both towers: embedding, mask token, fixed sin-cos positions (spec 2).
+        self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.register_buffer("decoder_pos_embed", common.sincos_pos_embed(decoder_dim, encoder.grid)[None])
+        self.decoder = Tower(decoder_dim, decoder_depth, decoder_heads, out_dim)  # reconstructs pixels
+        self.predictor = Tower(decoder_dim, decoder_depth, decoder_heads, out_dim) if learning_loss else None
+        common.init_mae_weights(self)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.teacher = None
+        if learning_loss:
+            # EMA teacher: only what mask generation reads. NOTE(official): the official EMA copies the
+            # whole model and runs the reconstruction tower too, then discards its output (spec 9).
+            parts = nn.ModuleDict({"encoder": encoder, "decoder_embed": self.decoder_embed,
+                                   "predictor": self.predictor})
+            self.teacher = copy.deepcopy(parts).requires_grad_(False)
+
+    def num_hard(self, progress):
+        if self.teacher is None:
+            return 0
+        epoch = min(int(progress * self.epochs + 1e-6), self.epochs - 1)  # alpha is per epoch
+        return hard_count(self.num_masked, epoch, self.epochs, self.hard_ratio_max)
+
+    @torch.no_grad()
+    def teacher_scores(self, imgs):
+        """Teacher pass on the full, unmasked image: predicted difficulty of every patch, (B, N)."""
+        t = self.teacher
+        tokens = t["decoder_embed"](t["encoder"](imgs)) + self.decoder_pos_embed  # (B, 1 + N, Dd)
+        return predicted_loss(t["predictor"], t["predictor"].features(tokens))[:, 1:].float()
+
+    def decoder_tokens(self, latent, ids_keep, ids_masked):
+        """[cls, visible tokens, mask tokens], each with its position; visible first, then masked, in
+        mask_order's order (attention is permutation-equivariant, so no MAE unshuffle is needed).
+        latent (B, 1 + K, D) -> (B, 1 + N, Dd)"""
+        x = self.decoder_embed(latent)  # (B, 1 + K, Dd)
+        pos = self.decoder_pos_embed[:, 1:].expand(x.shape[0], -1, -1)  # (B, N, Dd)
+        visible = x[:, 1:] + gather_tokens(pos, ids_keep)
+        masked = self.mask_token + gather_tokens(pos, ids_masked)  # (B, M, Dd)
+        return torch.cat([x[:, :1] + self.decoder_pos_embed[:, :1], visible, masked], dim=1)
+
+    def forward(self, imgs, progress):
+        B, N, K = imgs.shape[0], self.encoder.num_patches, self.num_visible
+        num_hard = self.num_hard(progress)
+        scores = self.teacher_scores(imgs) if num_hard > 0 else None  # skipped while n_hard = 0
+        ids = mask_order(B, N, imgs.device, scores, num_hard)  # (B, N)
+        ids_keep, ids_masked = ids[:, :K], ids[:, K:]
+        latent = self.encoder.forward_tokens(gather_tokens(self.encoder.embed_patches(imgs), ids_keep))
+        tokens = self.decoder_tokens(latent, ids_keep, ids_masked)  # (B, 1 + N, Dd), fed to both towers
+        recon = self.decoder.head(self.decoder.features(tokens)[:, 1 + K:])  # (B, M, P)
+        target = gather_tokens(patchify(imgs, self.encoder.patch_size), ids_masked)  # (B, M, P)
+        patch_loss = reconstruction_loss(recon, target, self.norm_pix_loss)  # (B, M)
+        loss_rec = patch_loss.mean()  # = MAE's mask-weighted mean, M is the same for every image
+        stats = {"loss_rec": loss_rec.detach()}
+        if self.predictor is None:
+            return loss_rec, stats
+        # The predictor sees the same, non-detached tokens: its loss also trains the encoder (spec 2).
+        pred = predicted_loss(self.predictor, self.predictor.features(tokens))[:, 1 + K:]  # (B, M)
+        target_loss = patch_loss.detach()  # ranking targets carry no gradient (spec 2a)
+        loss_pred = ranking_loss(pred, target_loss) if self.relative else absolute_loss(pred, target_loss)
+        stats.update(loss_pred=loss_pred.detach(), rank_corr=rank_correlation(pred, target_loss),
+                     hard_ratio=torch.full((), num_hard / self.num_masked, device=imgs.device))
+        return loss_rec + loss_pred, stats  # weight 1 (spec 3.8)
+
+    def _ema_pairs(self):
+        pairs = [(self.teacher[name], module) for name, module in
+                 (("encoder", self.encoder), ("decoder_embed", self.decoder_embed), ("predictor", self.predictor))]
+        teacher, student = [], []
+        for t, s in pairs:
+            for pt, ps in zip(t.parameters(), s.parameters()):
+                if ps.requires_grad:  # fixed position embeddings stay bit-identical
+                    teacher.append(pt)
+                    student.append(ps)
+        return teacher, student
+
+    @torch.no_grad()
+    def update_teacher(self, momentum):
+        """teacher <- m * teacher + (1 - m) * student, after every optimizer step (spec 2)."""
+        if self.teacher is None:
+            return
+        teacher, student = self._ema_pairs()
+        torch._foreach_mul_(teacher, momentum)
+        torch._foreach_add_(teacher, student, alpha=1 - momentum)
+
+
+# --- training -------------------------------------------------------------------------------------
+def build(cfg):
+    """The model of a config (used by main, bench.py and the tests)."""
+    encoder = common.vit(cfg.model, cfg.input_size, cfg.patch_size, cfg.drop_path)
+    return HPM(encoder, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.mask_ratio,
+               cfg.norm_pix_loss, cfg.learning_loss, cfg.relative, cfg.hard_ratio_max, cfg.epochs)
+
+
+def main(cfg):
+    ctx = common.setup(cfg)
+    dataset = common.image_dataset(cfg.data_path, common.mae_transform(cfg.input_size), cfg.data_root)
+    accum = cfg.batch_size // (cfg.micro_batch * ctx.world)
+    if accum < 1 or accum * cfg.micro_batch * ctx.world != cfg.batch_size:
+        common.fail(f"--batch_size {cfg.batch_size} is not a multiple of --micro_batch {cfg.micro_batch} "
+                    f"x {ctx.world} processes; change one of them")
+    batches = common.Batches(dataset, cfg.micro_batch, ctx, cfg.seed, cfg.num_workers)
+    steps_per_epoch = len(batches) // accum
+    if steps_per_epoch == 0:
+        common.fail(f"{len(dataset)} images make no full batch of {cfg.batch_size}; lower --batch_size")
+
+    model = build(cfg).to(ctx.device)  # method-specific
+    lr = cfg.blr * cfg.batch_size / 256
+    optimizer = common.adamw(model, lr, cfg.weight_decay)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
+    start_epoch = common.resume(cfg, "hpm", model, optimizer, ctx, scaler)
+    if cfg.compile:
+        common.compile_blocks(model)
+    ddp = model if ctx.world == 1 else DistributedDataParallel(
+        model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, broadcast_buffers=False)
+    total_steps = cfg.epochs * steps_per_epoch
+    lrs = common.cosine_schedule(lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch)
+    log = common.Logger(cfg, ctx, total_steps, start_epoch * steps_per_epoch, cfg.batch_size)
+    log.info(f"hpm: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable "
+             f"params; lr {lr:.3g} = blr {cfg.blr:g} x {cfg.batch_size} / 256; {ctx.world} process(es) x "
+             f"{accum} micro-batch(es) of {cfg.micro_batch}; {steps_per_epoch} steps/epoch; {ctx.device}, {ctx.dtype}")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        stream = batches.epoch(epoch)
+        for it in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + it
+            common.set_lr(optimizer, lrs[step])
+            for micro in range(accum):
+                images = next(stream)
+                # gradients are all-reduced only on the last micro-batch of a step
+                with ddp.no_sync() if ctx.world > 1 and micro < accum - 1 else nullcontext():
+                    with ctx.autocast():
+                        loss, stats = ddp(images, step / total_steps)
+                    scaler.scale(loss / accum).backward()
+            scaler.unscale_(optimizer)
+            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            model.update_teacher(ema_momentum(epoch))  # method-specific
+            log.step(step, epoch, lrs[step], loss, stats)
+        common.save_checkpoint(os.path.join(cfg.output_dir, "checkpoint.pth"), "hpm", model, optimizer,
+                               epoch + 1, cfg, scaler)
+    log.close()
+
+
+if __name__ == "__main__":
+    main(common.parse_config(Config))
