@@ -30,6 +30,8 @@ from tqdm import tqdm
 
 def fail(message):
     """Stop with one line `error: <what is wrong>; <what to do>` and exit status 1."""
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()  # else a progress bar redraws itself after the error line at exit
     raise SystemExit(f"error: {message}")
 
 
@@ -422,7 +424,7 @@ def adamw(model, lr, weight_decay, betas=(0.9, 0.95)):
 
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = float(lr)  # a plain float: numpy scalars would not pass torch.load(weights_only)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -484,8 +486,8 @@ def load_checkpoint(path, method=None):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        fail(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
-             "pass a checkpoint.pth written by one of our training scripts")
+        fail(f"cannot read checkpoint {path} ({type(e).__name__}); it is damaged or was not written by "
+             "one of our training scripts")
     if not isinstance(ckpt, dict) or "method" not in ckpt or "model" not in ckpt:
         fail(f"{path} is not a checkpoint of ours (no 'method'/'model' entries); pass a checkpoint.pth "
              "written by one of our training scripts")

@@ -252,6 +252,24 @@ def build(cfg):
                cfg.norm_pix_loss, cfg.learning_loss, cfg.relative, cfg.hard_ratio_max, cfg.epochs)
 
 
+def train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, progress, epoch):
+    """One optimizer step over `accum` micro-batches from `stream` (also timed by bench.py)."""
+    for micro in range(accum):
+        images = next(stream)
+        # gradients are all-reduced only on the last micro-batch of a step
+        with ddp.no_sync() if ctx.world > 1 and micro < accum - 1 else nullcontext():
+            with ctx.autocast():
+                loss, stats = ddp(images, progress)
+            scaler.scale(loss / accum).backward()
+    scaler.unscale_(optimizer)
+    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    model.update_teacher(ema_momentum(epoch))  # method-specific
+    return loss, stats
+
+
 def main(cfg):
     ctx = common.setup(cfg)
     dataset = common.image_dataset(cfg.data_path, common.mae_transform(cfg.input_size), cfg.data_root)
@@ -286,23 +304,12 @@ def main(cfg):
         for it in range(steps_per_epoch):
             step = epoch * steps_per_epoch + it
             common.set_lr(optimizer, lrs[step])
-            for micro in range(accum):
-                images = next(stream)
-                # gradients are all-reduced only on the last micro-batch of a step
-                with ddp.no_sync() if ctx.world > 1 and micro < accum - 1 else nullcontext():
-                    with ctx.autocast():
-                        loss, stats = ddp(images, step / total_steps)
-                    scaler.scale(loss / accum).backward()
-            scaler.unscale_(optimizer)
-            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            model.update_teacher(ema_momentum(epoch))  # method-specific
+            loss, stats = train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, step / total_steps, epoch)
             log.step(step, epoch, lrs[step], loss, stats)
         common.save_checkpoint(os.path.join(cfg.output_dir, "checkpoint.pth"), "hpm", model, optimizer,
                                epoch + 1, cfg, scaler)
     log.close()
+    return model
 
 
 if __name__ == "__main__":

@@ -1,0 +1,136 @@
+"""eval_linear.py: k-NN and linear-probe top-1 on the frozen encoder of any of our checkpoints.
+Features are extracted once (ViT: cls token after the final norm; ResNet: global pool), then
+k-NN is DINO's weighted vote (k=20, T=0.07, cosine similarity) and the linear probe is MAE's head
+(BatchNorm without affine + linear layer) trained with SGD on the cached features.
+Run: python eval_linear.py --checkpoint output_hpm/checkpoint.pth --data_path /imagenet  (train/ and val/)
+The last line printed is JSON with knn_top1 and linear_top1 (percent)."""
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+@dataclass
+class Config:
+    checkpoint: str = ""  # checkpoint.pth written by hpm.py (or another of our training scripts)
+    data_path: str = ""  # root holding train/ and val/ (or test/) ImageFolders
+    batch_size: int = 256  # images per forward pass during feature extraction
+    num_workers: int = 8  # data loader processes
+    device: str = "auto"  # auto (cuda if available), cuda or cpu
+    limit: int = 0  # use at most this many images per split, evenly spaced (0: all)
+    knn_k: int = 20  # neighbours in the k-NN vote (DINO: 20)
+    knn_temperature: float = 0.07  # temperature of the k-NN vote weights exp(sim / T) (DINO: 0.07)
+    probe_epochs: int = 100  # linear-probe epochs over the cached features
+    probe_lr: float = 0.1  # SGD lr (momentum 0.9, cosine decay, no weight decay), for batch 256
+    seed: int = 0  # linear-probe initialisation and shuffling
+
+
+def load_encoder(path):
+    """The encoder stored at the top level of a checkpoint's model, built from its config."""
+    ckpt = common.load_checkpoint(path)
+    cfg = ckpt["config"]
+    if cfg["model"].startswith("vit"):
+        encoder = common.vit(cfg["model"], cfg["input_size"], cfg["patch_size"])
+    else:
+        encoder = common.resnet(cfg["model"], cifar_stem=cfg["input_size"] <= 64)
+    wanted = encoder.state_dict()
+    missing = [k for k in wanted if k not in ckpt["model"]]
+    if missing:
+        common.fail(f"{path} has no {cfg['model']} encoder weights (missing {missing[0]}, ...); "
+                    "pass a checkpoint written by one of our training scripts")
+    encoder.load_state_dict({k: ckpt["model"][k] for k in wanted})
+    return encoder.eval(), ckpt, cfg["input_size"]
+
+
+@torch.no_grad()
+def extract(encoder, dataset, cfg, device):
+    """-> features (n, D) float32 and labels (n,), on the CPU."""
+    loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, num_workers=cfg.num_workers)
+    feats, labels = [], []
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for images, y, _ in loader:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = encoder(images.to(device, non_blocking=True))
+        out = out[:, 0] if out.ndim == 3 else out  # ViT: cls token after the final norm
+        feats.append(out.float().cpu())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def subset(dataset, limit):
+    if not limit or limit >= len(dataset):
+        return dataset
+    step = len(dataset) / limit  # evenly spaced, so every class of a sorted ImageFolder is kept
+    return torch.utils.data.Subset(dataset, [int(i * step) for i in range(limit)])
+
+
+@torch.no_grad()
+def knn_top1(train_x, train_y, test_x, test_y, k, temperature, num_classes):
+    """DINO's weighted k-NN: the k most cosine-similar training features vote with exp(sim / T)."""
+    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
+    correct = 0
+    for start in range(0, len(test_x), 1024):
+        sim, idx = (test_x[start:start + 1024] @ train_x.T).topk(k, dim=1)  # (b, k)
+        votes = torch.zeros(len(idx), num_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
+        correct += (votes.argmax(1) == test_y[start:start + 1024]).sum().item()
+    return 100.0 * correct / len(test_x)
+
+
+def linear_top1(train_x, train_y, test_x, test_y, num_classes, cfg):
+    """MAE's probe head, BatchNorm1d(affine=False) + Linear, trained on cached features."""
+    torch.manual_seed(cfg.seed)
+    head = nn.Sequential(nn.BatchNorm1d(train_x.shape[1], affine=False, eps=1e-6),
+                         nn.Linear(train_x.shape[1], num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01)  # as MAE's linear probe
+    nn.init.zeros_(head[1].bias)
+    batch = 256
+    steps = cfg.probe_epochs * max(len(train_x) // batch, 1)
+    opt = torch.optim.SGD(head.parameters(), lr=cfg.probe_lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    step = 0
+    while step < steps:
+        for idx in torch.randperm(len(train_x)).split(batch):
+            if len(idx) < 2 or step >= steps:  # BatchNorm needs two samples
+                continue
+            loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+    head.eval()
+    with torch.no_grad():
+        return 100.0 * (head(test_x).argmax(1) == test_y).float().mean().item()
+
+
+def main(cfg):
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not cfg.checkpoint:
+        common.fail("no --checkpoint given; pass the checkpoint.pth of a training run")
+    encoder, ckpt, size = load_encoder(cfg.checkpoint)
+    encoder.to(device)
+    val_dir = next((os.path.join(cfg.data_path, d) for d in ("val", "test")
+                    if os.path.isdir(os.path.join(cfg.data_path, d))), None)
+    if val_dir is None or not os.path.isdir(os.path.join(cfg.data_path, "train")):
+        common.fail(f"--data_path {cfg.data_path!r} must hold train/ and val/ (or test/) ImageFolders")
+    splits = {}
+    for name, path in (("train", os.path.join(cfg.data_path, "train")), ("val", val_dir)):
+        dataset = common.image_dataset(path, common.eval_transform(size))
+        splits[name] = extract(encoder, subset(dataset, cfg.limit), cfg, device)
+        num_classes = len(dataset.classes)
+    (train_x, train_y), (val_x, val_y) = splits["train"], splits["val"]
+    result = {"checkpoint": cfg.checkpoint, "method": ckpt["method"], "epoch": ckpt["epoch"],
+              "model": ckpt["config"]["model"], "train_images": len(train_x), "val_images": len(val_x),
+              "knn_top1": knn_top1(train_x, train_y, val_x, val_y, cfg.knn_k, cfg.knn_temperature, num_classes),
+              "linear_top1": linear_top1(train_x, train_y, val_x, val_y, num_classes, cfg)}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(common.parse_config(Config))

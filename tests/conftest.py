@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny image folders made on the fly (the tests never need a real dataset)."""
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def make_image_folder(root, classes=2, per_class=12, size=32, seed=0):
+    """root/c{k}/{i}.jpg: random smooth-ish images, a different mean colour per class."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        os.makedirs(os.path.join(root, f"c{c}"), exist_ok=True)
+        for i in range(per_class):
+            base = rng.integers(0, 255, (size // 4, size // 4, 3)).astype(np.float32) * 0.5 + 60 * c
+            img = np.kron(base, np.ones((4, 4, 1))).clip(0, 255).astype(np.uint8)
+            Image.fromarray(img).save(os.path.join(root, f"c{c}", f"{i:03d}.jpg"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_root(tmp_path_factory):
+    """<root>/train and <root>/val, 2 classes x 12 images each."""
+    root = tmp_path_factory.mktemp("images")
+    make_image_folder(str(root / "train"), seed=0)
+    make_image_folder(str(root / "val"), seed=1)
+    return root
+
+
+def tiny_args(data_path, output_dir, *extra):
+    """A run small enough for a CPU test: ViT-Tiny/4 at 32 px, 1-block decoders, batches of 8."""
+    return ["--preset", "cifar10", "--data_path", str(data_path), "--output_dir", str(output_dir),
+            "--decoder_dim", "32", "--decoder_depth", "1", "--decoder_heads", "2", "--epochs", "2",
+            "--warmup_epochs", "1", "--batch_size", "8", "--micro_batch", "4", "--num_workers", "0",
+            "--log_every", "1", *extra]

@@ -1,0 +1,180 @@
+"""The training program end to end: DDP on CPU, resume, bad input, eval_linear, config parsing."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import eval_linear
+import hpm
+from conftest import ROOT, make_image_folder, tiny_args
+
+
+def run(script, *args, env=None):
+    """Run one of our scripts as a user would; returns (returncode, stderr)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
+                       capture_output=True, text=True, env=full_env, timeout=300)
+    return p.returncode, p.stderr
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_keep_identical_weights(image_root, tmp_path):
+    """2 processes on CPU (gloo): after training, student and EMA teacher are identical on both ranks."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", os.path.join(ROOT, "tests", "ddp_run.py"),
+           *tiny_args(image_root / "train", out)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    s0, s1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert s0.keys() == s1.keys() and any(k.startswith("teacher.") for k in s0)
+    for k in s0:
+        assert torch.equal(s0[k], s1[k]), k
+    init = hpm.build(common.parse_config(hpm.Config, tiny_args(image_root / "train", out)))
+    assert not torch.equal(init.state_dict()["decoder.head.weight"], s0["decoder.head.weight"])  # it trained
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in log] == list(range(6))  # 24 images / (2 ranks x 4) = 3 steps x 2 epochs
+
+
+def test_resume_is_bitwise_identical(image_root, tmp_path, monkeypatch):
+    """2 epochs straight == 1 epoch, crash, automatic resume, 1 epoch: identical weights and optimizer."""
+    hpm.main(common.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path / "a")))
+
+    save = common.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt  # as if the job died right after the first epoch's checkpoint
+
+    monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        hpm.main(common.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path / "b")))
+    assert common.load_checkpoint(str(tmp_path / "b" / "checkpoint.pth"), "hpm")["epoch"] == 1
+    monkeypatch.undo()
+    hpm.main(common.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path / "b")))
+
+    a, b = (common.load_checkpoint(str(tmp_path / d / "checkpoint.pth"), "hpm") for d in "ab")
+    assert a["epoch"] == b["epoch"] == 2
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+    log_b = [json.loads(line)["step"] for line in open(tmp_path / "b" / "log.jsonl")]
+    assert log_b == list(range(6))  # 3 steps x 2 epochs: none skipped or repeated on resume
+
+
+def test_checkpoint_encoder_uses_timm_names(image_root, tmp_path):
+    """The student encoder sits at the top level of ckpt['model'] under timm's names."""
+    model = hpm.main(common.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path, "--epochs", "1")))
+    ckpt = common.load_checkpoint(str(tmp_path / "checkpoint.pth"), "hpm")
+    for k, v in model.encoder.state_dict().items():
+        assert torch.equal(ckpt["model"][k], v), k
+    assert not any(k.startswith(("module.", "_orig_mod.", "encoder.")) for k in ckpt["model"])
+    assert ckpt["method"] == "hpm" and ckpt["config"]["model"] == "vit_tiny"
+
+
+def error_line(stderr):
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    return lines[-1]
+
+
+def test_missing_data_folder_is_one_line_error(tmp_path):
+    rc, err = run("hpm.py", *tiny_args(tmp_path / "nope", tmp_path / "out"))
+    assert rc != 0 and error_line(err).startswith("error: --data_path") and "Traceback" not in err
+
+
+def test_empty_data_folder_is_one_line_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    rc, err = run("hpm.py", *tiny_args(tmp_path / "empty", tmp_path / "out"))
+    assert rc != 0 and error_line(err).startswith("error: no images found") and "Traceback" not in err
+
+
+def test_checkpoint_from_another_method_is_one_line_error(image_root, tmp_path):
+    (tmp_path / "out").mkdir()
+    torch.save({"method": "droppos", "model": {}, "epoch": 1}, tmp_path / "out" / "checkpoint.pth")
+    rc, err = run("hpm.py", *tiny_args(image_root / "train", tmp_path / "out"))
+    assert rc != 0 and "Traceback" not in err
+    assert error_line(err).startswith("error:") and "droppos" in error_line(err)
+
+
+def test_corrupt_image_is_skipped_with_a_warning(tmp_path):
+    data = make_image_folder(str(tmp_path / "data"), per_class=12)
+    bad = os.path.join(data, "c0", "005.jpg")
+    with open(bad, "wb") as f:
+        f.write(b"this is not a jpeg")
+    rc, err = run("hpm.py", *tiny_args(data, tmp_path / "out", "--epochs", "1"))
+    assert rc == 0, err[-2000:]
+    assert f"warning: skipping unreadable image {bad}" in err
+    assert os.path.exists(tmp_path / "out" / "checkpoint.pth")
+
+
+def test_mostly_corrupt_images_stop_the_run(tmp_path):
+    data = make_image_folder(str(tmp_path / "data"), per_class=12)
+    for c in (0, 1):
+        for i in range(12):
+            if i % 4:  # 3 of every 4 files are broken
+                with open(os.path.join(data, f"c{c}", f"{i:03d}.jpg"), "wb") as f:
+                    f.write(b"garbage")
+    rc, err = run("hpm.py", *tiny_args(data, tmp_path / "out", "--epochs", "1"))
+    assert rc != 0 and "Traceback" not in err
+    assert error_line(err).startswith("error: most images could not be read")
+
+
+def test_cifar10_offline_names_the_fix(monkeypatch, tmp_path):
+    def no_network(*args, **kwargs):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(common.torchvision.datasets, "CIFAR10", no_network)
+    with pytest.raises(SystemExit) as e:
+        common.image_dataset("cifar10", None, str(tmp_path))
+    assert str(e.value).startswith("error: could not get CIFAR-10") and "ImageFolder" in str(e.value)
+
+
+def test_eval_linear_on_a_tiny_checkpoint(image_root, tmp_path):
+    """Loads the student encoder exactly; k=1 k-NN of a set against itself is 100 %."""
+    model = hpm.main(common.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path, "--epochs", "1")))
+    encoder, ckpt, size = eval_linear.load_encoder(str(tmp_path / "checkpoint.pth"))
+    for k, v in model.encoder.state_dict().items():
+        assert torch.equal(encoder.state_dict()[k], v), k
+    cfg = common.parse_config(eval_linear.Config, [
+        "--checkpoint", str(tmp_path / "checkpoint.pth"), "--data_path", str(image_root), "--num_workers", "0",
+        "--probe_epochs", "30", "--knn_k", "1", "--device", "cpu"])
+    result = eval_linear.main(cfg)
+    assert result["train_images"] == result["val_images"] == 24 and result["method"] == "hpm"
+    assert 0 <= result["linear_top1"] <= 100
+    x, y = eval_linear.extract(encoder, common.image_dataset(str(image_root / "train"), common.eval_transform(size)),
+                               cfg, torch.device("cpu"))
+    assert x.shape == (24, 192)
+    assert eval_linear.knn_top1(x, y, x, y, 1, 0.07, 2) == 100.0
+
+
+def test_eval_linear_rejects_a_foreign_file(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pth")
+    rc, err = run("eval_linear.py", "--checkpoint", tmp_path / "foreign.pth", "--data_path", tmp_path)
+    assert rc != 0 and error_line(err).startswith("error:") and "Traceback" not in err
+
+
+def test_linear_probe_separates_separable_features():
+    torch.manual_seed(0)
+    y = torch.arange(200) % 4
+    x = torch.randn(200, 16) * 0.1 + torch.nn.functional.one_hot(y, 16).float() * 3
+    cfg = common.parse_config(eval_linear.Config, ["--probe_epochs", "20"])
+    assert eval_linear.linear_top1(x, y, x, y, 4, cfg) == 100.0
+
+
+def test_config_preset_and_flags():
+    """--preset sets new defaults, explicit flags still win, bools take --no-."""
+    cfg = common.parse_config(hpm.Config, ["--preset", "cifar10", "--epochs", "3", "--no-learning_loss"])
+    assert (cfg.model, cfg.input_size, cfg.patch_size, cfg.epochs, cfg.learning_loss) == ("vit_tiny", 32, 4, 3, False)
+    assert common.parse_config(hpm.Config, []).batch_size == 2048
