@@ -295,21 +295,26 @@ def image_dataset(path, transform, data_root="./data", train=True):
 
 
 class Batches:
-    """Epoch-wise iteration over a training set: a fresh, seeded shuffle and augmentation stream each
-    epoch (so a resumed run sees the same images as an uninterrupted one), images moved to the device,
-    and a count of unreadable files that stops the run once most files fail."""
+    """Epoch-wise iteration over a training set: per-process micro-batches and the gradient accumulation
+    that makes up the global batch, a fresh seeded shuffle and augmentation stream each epoch (so a
+    resumed run sees the same images as an uninterrupted one), images moved to the device, and a count
+    of unreadable files that stops the run once most files fail."""
 
-    def __init__(self, dataset, micro_batch, ctx, seed, num_workers):
+    def __init__(self, dataset, cfg, ctx):
+        self.accum = cfg.batch_size // (cfg.micro_batch * ctx.world)
+        if self.accum < 1 or self.accum * cfg.micro_batch * ctx.world != cfg.batch_size:
+            fail(f"--batch_size {cfg.batch_size} is not a multiple of --micro_batch {cfg.micro_batch} "
+                 f"x {ctx.world} processes; change one of them")
         self.sampler = torch.utils.data.DistributedSampler(
-            dataset, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=seed, drop_last=True)
+            dataset, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=cfg.seed, drop_last=True)
         self.generator = torch.Generator()
         self.loader = torch.utils.data.DataLoader(
-            dataset, micro_batch, sampler=self.sampler, num_workers=num_workers, drop_last=True,
+            dataset, cfg.micro_batch, sampler=self.sampler, num_workers=cfg.num_workers, drop_last=True,
             pin_memory=ctx.device.type == "cuda", generator=self.generator)
-        self.seed, self.device, self.read, self.skipped = seed, ctx.device, 0, 0
-
-    def __len__(self):
-        return len(self.loader)
+        self.steps_per_epoch = len(self.loader) // self.accum
+        if self.steps_per_epoch == 0:
+            fail(f"{len(dataset)} images make no full batch of {cfg.batch_size}; lower --batch_size")
+        self.seed, self.device, self.read, self.skipped = cfg.seed, ctx.device, 0, 0
 
     def epoch(self, epoch):
         self.sampler.set_epoch(epoch)
@@ -386,6 +391,14 @@ def all_reduce_mean(x):
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def wrap_ddp(model, ctx):
+    """DistributedDataParallel when launched on several processes, else the model itself."""
+    if ctx.world == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, broadcast_buffers=False)
 
 
 def compile_blocks(model):

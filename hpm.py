@@ -14,7 +14,6 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 import common
 from common import Block, gather_tokens, patchify
@@ -177,6 +176,12 @@ class HPM(nn.Module):
                                    "predictor": self.predictor})
             self.teacher = copy.deepcopy(parts).requires_grad_(False)
 
+    def train(self, mode=True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # deterministic scores even with drop-path (timm's ModelEma is in eval mode)
+        return self
+
     def num_hard(self, progress):
         if self.teacher is None:
             return 0
@@ -273,14 +278,8 @@ def train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, progress,
 def main(cfg):
     ctx = common.setup(cfg)
     dataset = common.image_dataset(cfg.data_path, common.mae_transform(cfg.input_size), cfg.data_root)
-    accum = cfg.batch_size // (cfg.micro_batch * ctx.world)
-    if accum < 1 or accum * cfg.micro_batch * ctx.world != cfg.batch_size:
-        common.fail(f"--batch_size {cfg.batch_size} is not a multiple of --micro_batch {cfg.micro_batch} "
-                    f"x {ctx.world} processes; change one of them")
-    batches = common.Batches(dataset, cfg.micro_batch, ctx, cfg.seed, cfg.num_workers)
-    steps_per_epoch = len(batches) // accum
-    if steps_per_epoch == 0:
-        common.fail(f"{len(dataset)} images make no full batch of {cfg.batch_size}; lower --batch_size")
+    batches = common.Batches(dataset, cfg, ctx)
+    steps_per_epoch, accum = batches.steps_per_epoch, batches.accum
 
     model = build(cfg).to(ctx.device)  # method-specific
     lr = cfg.blr * cfg.batch_size / 256
@@ -289,8 +288,7 @@ def main(cfg):
     start_epoch = common.resume(cfg, "hpm", model, optimizer, ctx, scaler)
     if cfg.compile:
         common.compile_blocks(model)
-    ddp = model if ctx.world == 1 else DistributedDataParallel(
-        model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, broadcast_buffers=False)
+    ddp = common.wrap_ddp(model, ctx)
     total_steps = cfg.epochs * steps_per_epoch
     lrs = common.cosine_schedule(lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch)
     log = common.Logger(cfg, ctx, total_steps, start_epoch * steps_per_epoch, cfg.batch_size)
