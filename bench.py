@@ -7,7 +7,6 @@ schedule (0.5: the middle of training, where HPM's hard-patch masking is active)
 import argparse
 import importlib
 import json
-import resource
 import statistics
 import time
 
@@ -62,10 +61,7 @@ def main():
         times.append(time.perf_counter() - t0)
     times = times[args.warmup:]
     median = statistics.median(times)
-    if ctx.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # process peak RSS
+    peak = common.peak_memory_gib(ctx.device)
     print(json.dumps({
         "method": args.method, "model": cfg.model, "input_size": cfg.input_size, "patch_size": cfg.patch_size,
         "device": str(ctx.device) if ctx.device.type == "cpu" else torch.cuda.get_device_name(),

@@ -35,15 +35,9 @@ def fail(message):
     raise SystemExit(f"error: {message}")
 
 
-# ------------------------------------------------------------------------------------------------
-# Vision Transformer (timm's names: patch_embed.proj, cls_token, pos_embed, blocks.i.*, norm)
-# ------------------------------------------------------------------------------------------------
-VIT_SIZES = {  # name -> (width, depth, heads), as timm's vit_*_patch16_224
-    "vit_tiny": (192, 12, 3),
-    "vit_small": (384, 12, 6),
-    "vit_base": (768, 12, 12),
-    "vit_large": (1024, 24, 16),
-}
+# --- Vision Transformer (timm's names: patch_embed.proj, cls_token, pos_embed, blocks.i.*, norm) ---
+VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6),  # (width, depth, heads) as timm's
+             "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
 
 
 class Attention(nn.Module):
@@ -212,9 +206,7 @@ def gather_tokens(x, ids):
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-# ------------------------------------------------------------------------------------------------
-# Data
-# ------------------------------------------------------------------------------------------------
+# --- Data ------------------------------------------------------------------------------------------
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -222,17 +214,7 @@ def mae_transform(size, scale=(0.2, 1.0)):
     """MAE pretraining augmentation: random resized crop (bicubic), horizontal flip, normalise."""
     return transforms.Compose([
         transforms.RandomResizedCrop(size, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-def eval_transform(size):
-    """Resize + centre crop (the 256/224 ratio of ImageNet evaluation; none for small images)."""
-    resize = int(size * 256 / 224) if size >= 112 else size
-    return transforms.Compose([
-        transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(size), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 class DataError(Exception):
@@ -261,16 +243,10 @@ class ImageFolder(torchvision.datasets.ImageFolder):
                         f"check the files under {self.root}")
 
 
-class _CountNothing(torch.utils.data.Dataset):
-    """Adds the 'skipped' count (always 0) to a dataset that cannot hold bad files."""
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
+class CIFAR10(torchvision.datasets.CIFAR10):
+    """torchvision's CIFAR-10 with the 'skipped' count of our ImageFolder (always 0: no files to fail)."""
     def __getitem__(self, i):
-        return (*self.ds[i], 0)
+        return (*super().__getitem__(i), 0)
 
 
 def image_dataset(path, transform, data_root="./data", train=True):
@@ -278,11 +254,10 @@ def image_dataset(path, transform, data_root="./data", train=True):
     data_root on first use). Every failure is one line that names the fix."""
     if path == "cifar10":
         try:
-            ds = torchvision.datasets.CIFAR10(data_root, train=train, transform=transform, download=True)
+            return CIFAR10(data_root, train=train, transform=transform, download=True)
         except Exception as e:
             fail(f"could not get CIFAR-10 into {data_root} ({type(e).__name__}: {e}); download it where "
                  "there is internet, or pass an ImageFolder directory such as cifar10/train")
-        return _CountNothing(ds)
     if not path:
         fail("no --data_path given; pass an ImageFolder directory (one sub-folder per class) or cifar10")
     if not os.path.isdir(path):
@@ -331,24 +306,18 @@ class Batches:
             fail(str(e).strip().splitlines()[-1].split("DataError: ")[-1])
 
 
-# ------------------------------------------------------------------------------------------------
-# Distributed setup, seeding, precision
-# ------------------------------------------------------------------------------------------------
+# --- Distributed setup, seeding, precision ---------------------------------------------------------
 @dataclasses.dataclass
 class Context:
+    """Where this process runs: rank, number of processes, device, autocast dtype."""
     rank: int
     world: int
     device: torch.device
     dtype: torch.dtype
+    main = property(lambda self: self.rank == 0)
 
-    @property
-    def main(self):
-        return self.rank == 0
-
-    def autocast(self):
-        if self.dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+    def autocast(self):  # reduced-precision autocast, or nothing for float32
+        return nullcontext() if self.dtype == torch.float32 else torch.autocast(self.device.type, dtype=self.dtype)
 
 
 def setup(cfg):
@@ -388,11 +357,6 @@ def all_reduce_mean(x):
     return x
 
 
-def barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def wrap_ddp(model, ctx):
     """DistributedDataParallel when launched on several processes, else the model itself."""
     if ctx.world == 1:
@@ -410,9 +374,7 @@ def compile_blocks(model):
             m.compile()
 
 
-# ------------------------------------------------------------------------------------------------
-# Optimisation
-# ------------------------------------------------------------------------------------------------
+# --- Optimisation ----------------------------------------------------------------------------------
 def cosine_schedule(base, final, total_steps, warmup_steps=0):
     """Per-step values: linear warmup from 0, then half-cosine from base to final (MAE's rule on the
     fractional epoch; DINO's momentum schedule is the warmup-free case). -> array (total_steps,)"""
@@ -440,9 +402,7 @@ def set_lr(optimizer, lr):
         group["lr"] = float(lr)  # a plain float: numpy scalars would not pass torch.load(weights_only)
 
 
-# ------------------------------------------------------------------------------------------------
-# Checkpoints: output_dir/checkpoint.pth, written atomically; auto-resume
-# ------------------------------------------------------------------------------------------------
+# --- Checkpoints: output_dir/checkpoint.pth, written atomically; auto-resume -----------------------
 def rng_state():
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -489,7 +449,8 @@ def save_checkpoint(path, method, model, optimizer, epoch, cfg, scaler=None):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)  # a crash mid-write never leaves a half-written checkpoint
-    barrier()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def load_checkpoint(path, method=None):
@@ -530,9 +491,14 @@ def resume(cfg, method, model, optimizer, ctx, scaler=None):
     return ckpt["epoch"]  # NOTE(official): the next epoch itself; the official code adds 1 again
 
 
-# ------------------------------------------------------------------------------------------------
-# Logging
-# ------------------------------------------------------------------------------------------------
+# --- Logging ---------------------------------------------------------------------------------------
+def peak_memory_gib(device):
+    """Peak GPU memory allocated on CUDA; peak resident memory of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+
+
 class Logger:
     """Rank 0 only: a tqdm bar, a line every log_every steps, JSON lines in output_dir/log.jsonl.
     Metrics stay on the device and are summed there; .item() happens only at log time."""
@@ -564,12 +530,8 @@ class Logger:
             fail(f"the loss became {values['loss']} within steps {step + 1 - self.count}..{step}; "
                  "lower --blr or check the data")
         seconds = time.perf_counter() - self.t0
-        if self.ctx.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated() / 2 ** 30
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-        record = {"step": step, "epoch": epoch, "lr": lr, **values,
-                  "img_per_s": self.count * self.images_per_step / seconds, "peak_mem_gib": peak}
+        record = {"step": step, "epoch": epoch, "lr": lr, **values, "peak_mem_gib": peak_memory_gib(self.ctx.device),
+                  "img_per_s": self.count * self.images_per_step / seconds}
         if self.ctx.main:
             self.bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
             self.bar.write(f"epoch {epoch} step {step}: " + " ".join(
@@ -582,9 +544,7 @@ class Logger:
         self.bar.close()
 
 
-# ------------------------------------------------------------------------------------------------
-# Config: a dataclass becomes --flags; its field comments become --help
-# ------------------------------------------------------------------------------------------------
+# --- Config: a dataclass becomes --flags; its field comments become --help -------------------------
 def parse_config(cls, argv=None):
     """Every field of the dataclass `cls` becomes --name (bools also --no-name). `--preset NAME` loads
     cls.presets[NAME] as new defaults; flags given explicitly still win."""

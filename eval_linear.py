@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision import transforms
 
 import common
 
@@ -28,6 +29,14 @@ class Config:
     probe_epochs: int = 100  # linear-probe epochs over the cached features
     probe_lr: float = 0.1  # SGD lr (momentum 0.9, cosine decay, no weight decay), for batch 256
     seed: int = 0  # linear-probe initialisation and shuffling
+
+
+def eval_transform(size):
+    """Resize + centre crop (ImageNet's 256/224 ratio; none for small images), normalise."""
+    resize = int(size * 256 / 224) if size >= 112 else size
+    return transforms.Compose([
+        transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(size),
+        transforms.ToTensor(), transforms.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])
 
 
 def load_encoder(path):
@@ -120,7 +129,7 @@ def main(cfg):
         common.fail(f"--data_path {cfg.data_path!r} must hold train/ and val/ (or test/) ImageFolders")
     splits = {}
     for name, path in (("train", os.path.join(cfg.data_path, "train")), ("val", val_dir)):
-        dataset = common.image_dataset(path, common.eval_transform(size))
+        dataset = common.image_dataset(path, eval_transform(size))
         splits[name] = extract(encoder, subset(dataset, cfg.limit), cfg, device)
         num_classes = len(dataset.classes)
     (train_x, train_y), (val_x, val_y) = splits["train"], splits["val"]

@@ -135,7 +135,7 @@ def test_mostly_corrupt_images_stop_the_run(tmp_path):
 def test_cifar10_offline_names_the_fix(monkeypatch, tmp_path):
     def no_network(*args, **kwargs):
         raise OSError("network is unreachable")
-    monkeypatch.setattr(common.torchvision.datasets, "CIFAR10", no_network)
+    monkeypatch.setattr(common, "CIFAR10", no_network)
     with pytest.raises(SystemExit) as e:
         common.image_dataset("cifar10", None, str(tmp_path))
     assert str(e.value).startswith("error: could not get CIFAR-10") and "ImageFolder" in str(e.value)
@@ -153,7 +153,7 @@ def test_eval_linear_on_a_tiny_checkpoint(image_root, tmp_path):
     result = eval_linear.main(cfg)
     assert result["train_images"] == result["val_images"] == 24 and result["method"] == "hpm"
     assert 0 <= result["linear_top1"] <= 100
-    x, y = eval_linear.extract(encoder, common.image_dataset(str(image_root / "train"), common.eval_transform(size)),
+    x, y = eval_linear.extract(encoder, common.image_dataset(str(image_root / "train"), eval_linear.eval_transform(size)),
                                cfg, torch.device("cpu"))
     assert x.shape == (24, 192)
     assert eval_linear.knn_top1(x, y, x, y, 1, 0.07, 2) == 100.0
