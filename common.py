@@ -550,15 +550,17 @@ def parse_config(cls, argv=None):
     cls.presets[NAME] as new defaults; flags given explicitly still win."""
     source = inspect.getsource(cls)
     comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", source, flags=re.M))
-    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0])
+    parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     presets = getattr(cls, "presets", {})
-    parser.add_argument("--preset", choices=sorted(presets), help="a recipe sized for a smaller setting")
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), help="a recipe sized for a smaller setting")
     for f in dataclasses.fields(cls):
         kind = type(f.default)
         extra = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
         parser.add_argument(f"--{f.name}", default=None, help=f"{comments.get(f.name, '')} (default: {f.default})",
                             **extra)
     args = vars(parser.parse_args(argv))
-    values = dict(presets.get(args.pop("preset"), {}))
+    values = dict(presets.get(args.pop("preset", None), {}))
     values.update({k: v for k, v in args.items() if v is not None})
     return cls(**values)
