@@ -200,7 +200,8 @@ def test_official_smoothing_map_as_released():
     col = smoothing_map(14, 1.0, column_norm=True)
     assert torch.allclose(col, upstream_map(196, 1.0), atol=1e-6)
     assert torch.allclose(col.sum(0), torch.ones(196), atol=1e-5)
-    assert col.sum(1).min().item() == pytest.approx(0.886, abs=1e-3) and col.sum(1).max().item() == pytest.approx(1.110, abs=1e-3)
+    assert col.sum(1).min().item() == pytest.approx(0.886, abs=1e-3)
+    assert col.sum(1).max().item() == pytest.approx(1.110, abs=1e-3)
     released = smoothing_map(14, 1.0, map_grid=16, column_norm=True)
     assert torch.allclose(released, upstream_map(256, 1.0)[:196, :196], atol=1e-6)
     cell = lambda r, c: 14 * r + c  # noqa: E731
@@ -237,7 +238,8 @@ def test_loss_is_ln_n_at_uniform_logits_and_sigma_zero():
     targets = torch.eye(N)[torch.randint(N, (3, K))]
     for weights in (torch.ones(3, K), torch.rand(3, K) * (torch.rand(3, K) > 0.5)):
         weights[0, 0] = 1.0
-        assert position_loss(torch.full((3, K, N), 0.3), targets, weights).item() == pytest.approx(math.log(N), abs=1e-5)
+        loss = position_loss(torch.full((3, K, N), 0.3), targets, weights)
+        assert loss.item() == pytest.approx(math.log(N), abs=1e-5)
     model = tiny_droppos(sigma=0.0)
     with torch.no_grad():
         model.decoder_pred.weight.zero_()
@@ -386,7 +388,7 @@ def test_position_metrics_by_hand():
     drop = torch.tensor([[True, True, True, False]])
     w = torch.tensor([[0.5, 0.25, 0.25, 0.0]])
     m = position_metrics(F.one_hot(labels, N).float(), labels, drop, w, G)
-    assert (m["acc_dropped"].item(), m["acc_weighted"].item(), m["grid_err"].item(), m["acc_within1"].item()) == (1, 1, 0, 1)
+    assert [m[k].item() for k in ("acc_dropped", "acc_weighted", "grid_err", "acc_within1")] == [1, 1, 0, 1]
     pred = torch.tensor([[G * 2 + 3, G * 4 + 4, G * 6 + 3, 5]])
     m = position_metrics(F.one_hot(pred, N).float(), labels, drop, w, G)
     assert m["acc_dropped"].item() == 0 and m["acc_weighted"].item() == 0
