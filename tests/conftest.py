@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,6 +21,16 @@ def make_image_folder(root, classes=2, per_class=12, size=32, seed=0):
             img = np.kron(base, np.ones((4, 4, 1))).clip(0, 255).astype(np.uint8)
             Image.fromarray(img).save(os.path.join(root, f"c{c}", f"{i:03d}.jpg"))
     return root
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: more threads only add contention on a shared machine (restored afterwards);
+    subprocesses get OMP_NUM_THREADS=1 instead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

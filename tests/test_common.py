@@ -10,15 +10,6 @@ import common
 import hpm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: more threads only add contention on a shared machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def timm_vit_keys(dim, depth, patch, grid, mlp_ratio=4):
     """State-dict names and shapes of timm's VisionTransformer(num_classes=0, global_pool='token'),
     from timm's naming rules."""

@@ -1,12 +1,7 @@
 """Tests of droppos.py against specs/droppos.md (section numbers in each docstring; §7 = invariants).
 Tiny models only: 32 px images, patch 4 -> an 8 x 8 grid, N = 64 patches, K = 16 visible, of which 4 keep
-their position embedding and 12 get the mask token. The last tests run the real training program."""
-import json
+their position embedding and 12 get the mask token. tests/test_train.py runs its training program."""
 import math
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,24 +9,13 @@ import torch.nn.functional as F
 
 import common
 import droppos
-import eval_linear
 from common import gather_tokens
-from conftest import ROOT, tiny_args
 from droppos import (DropPos, clip_per_parameter, position_loss, position_metrics, random_masks,
                      smoothing_map)
 
 IMG, PATCH, G = 32, 4, 8
 N, K, KEEP = G * G, 16, 4
 DROP = K - KEEP
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: more threads only add contention on a shared machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_droppos(seed=0, img=IMG, patch=PATCH, **kw):
@@ -438,66 +422,3 @@ def test_build_and_preset():
         droppos.build(common.parse_config(droppos.Config, ["--preset", "cifar10", "--official_smoothing"]))
     defaults = common.parse_config(droppos.Config, [])
     assert (defaults.epochs, defaults.warmup_epochs, defaults.batch_size, defaults.decoder_depth) == (800, 10, 4096, 2)
-
-
-# --- the training program (as tests/test_train.py for hpm) ------------------------------------------
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_torchrun_two_processes_keep_identical_weights(image_root, tmp_path):
-    """2 processes on CPU (gloo): after training, the weights are identical on both ranks."""
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", os.path.join(ROOT, "tests", "ddp_run.py"),
-           "droppos", *tiny_args(image_root / "train", out)]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-3000:]
-    s0, s1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert s0.keys() == s1.keys() and "mask_pos_token" in s0
-    for k in s0:
-        assert torch.equal(s0[k], s1[k]), k
-    init = droppos.build(common.parse_config(droppos.Config, tiny_args(image_root / "train", out)))
-    assert not torch.equal(init.state_dict()["decoder_pred.weight"], s0["decoder_pred.weight"])  # it trained
-    log = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert [r["step"] for r in log] == list(range(6))  # 24 images / (2 ranks x 4) = 3 steps x 2 epochs
-    assert {"acc_dropped", "grid_err", "acc_within1", "sigma", "grad_norm"} <= set(log[0])
-    assert [r["sigma"] for r in log] == [1.0] * 3 + [0.5] * 3  # sigma0 (1 - e/E) with E = 2
-
-
-def test_resume_is_bitwise_identical(image_root, tmp_path, monkeypatch):
-    """2 epochs straight == 1 epoch, crash, automatic resume, 1 epoch: identical weights and optimizer;
-    the checkpoint holds the encoder at the top level under timm's names, which eval_linear loads."""
-    model = droppos.main(common.parse_config(droppos.Config, tiny_args(image_root / "train", tmp_path / "a")))
-
-    save = common.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        save(*args, **kwargs)
-        raise KeyboardInterrupt  # as if the job died right after the first epoch's checkpoint
-
-    monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        droppos.main(common.parse_config(droppos.Config, tiny_args(image_root / "train", tmp_path / "b")))
-    assert common.load_checkpoint(str(tmp_path / "b" / "checkpoint.pth"), "droppos")["epoch"] == 1
-    monkeypatch.undo()
-    droppos.main(common.parse_config(droppos.Config, tiny_args(image_root / "train", tmp_path / "b")))
-
-    a, b = (common.load_checkpoint(str(tmp_path / d / "checkpoint.pth"), "droppos") for d in "ab")
-    assert a["epoch"] == b["epoch"] == 2
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        for k in sa:
-            assert torch.equal(sa[k], sb[k]), k
-    log_b = [json.loads(line)["step"] for line in open(tmp_path / "b" / "log.jsonl")]
-    assert log_b == list(range(6))  # 3 steps x 2 epochs: none skipped or repeated on resume
-
-    assert not any(k.startswith(("module.", "_orig_mod.", "encoder.")) for k in a["model"])
-    encoder, _, size = eval_linear.load_encoder(str(tmp_path / "a" / "checkpoint.pth"))
-    assert size == IMG
-    for k, v in model.encoder.state_dict().items():
-        assert torch.equal(a["model"][k], v) and torch.equal(encoder.state_dict()[k], v), k

@@ -17,15 +17,6 @@ M = N - K
 LATE = 0.95  # progress in the last of 10 epochs: n_hard = floor(48 * 0.5) = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: more threads only add contention on a shared machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_hpm(seed=0, **kw):
     torch.manual_seed(seed)
     encoder = common.VisionTransformer(IMG, PATCH, embed_dim=32, depth=2, num_heads=2)

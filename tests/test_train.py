@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+import droppos
 import eval_linear
 import hpm
 from conftest import ROOT, make_image_folder, tiny_args
@@ -28,28 +29,40 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_keep_identical_weights(image_root, tmp_path):
-    """2 processes on CPU (gloo): after training, student and EMA teacher are identical on both ranks."""
+METHODS = {"hpm": hpm, "droppos": droppos}
+DIAGNOSTICS = {"hpm": {"loss_rec", "loss_pred", "rank_corr", "hard_ratio"},
+               "droppos": {"acc_dropped", "grid_err", "acc_within1", "sigma"}}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_torchrun_two_processes_keep_identical_weights(method, image_root, tmp_path):
+    """2 processes on CPU (gloo): after training, every weight (teachers too) is identical on both ranks."""
     out = tmp_path / "ddp"
+    args = tiny_args(image_root / "train", out)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", os.path.join(ROOT, "tests", "ddp_run.py"),
-           *tiny_args(image_root / "train", out)]
+           method, *args]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     s0, s1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert s0.keys() == s1.keys() and any(k.startswith("teacher.") for k in s0)
+    assert s0.keys() == s1.keys()
     for k in s0:
         assert torch.equal(s0[k], s1[k]), k
-    init = hpm.build(common.parse_config(hpm.Config, tiny_args(image_root / "train", out)))
-    assert not torch.equal(init.state_dict()["decoder.head.weight"], s0["decoder.head.weight"])  # it trained
+    common.seed_all(0)  # rank 0's seed: the same initial weights as the run
+    init = METHODS[method].build(common.parse_config(METHODS[method].Config, args)).state_dict()
+    assert all(not torch.equal(init[k], s0[k]) for k in init if k.endswith("blocks.0.attn.qkv.weight"))  # trained
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in log] == list(range(6))  # 24 images / (2 ranks x 4) = 3 steps x 2 epochs
+    assert DIAGNOSTICS[method] | {"loss", "lr", "img_per_s", "peak_mem_gib", "grad_norm"} <= set(log[0])
 
 
-def test_resume_is_bitwise_identical(image_root, tmp_path, monkeypatch):
-    """2 epochs straight == 1 epoch, crash, automatic resume, 1 epoch: identical weights and optimizer."""
-    hpm.main(common.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path / "a")))
+@pytest.mark.parametrize("method", METHODS)
+def test_resume_is_bitwise_identical(method, image_root, tmp_path, monkeypatch):
+    """2 epochs straight == 1 epoch, crash, automatic resume, 1 epoch: identical weights and optimizer;
+    the checkpoint holds the encoder at the top level under timm's names, which eval_linear loads."""
+    module = METHODS[method]
+    model = module.main(common.parse_config(module.Config, tiny_args(image_root / "train", tmp_path / "a")))
 
     save = common.save_checkpoint
 
@@ -59,12 +72,12 @@ def test_resume_is_bitwise_identical(image_root, tmp_path, monkeypatch):
 
     monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        hpm.main(common.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path / "b")))
-    assert common.load_checkpoint(str(tmp_path / "b" / "checkpoint.pth"), "hpm")["epoch"] == 1
+        module.main(common.parse_config(module.Config, tiny_args(image_root / "train", tmp_path / "b")))
+    assert common.load_checkpoint(str(tmp_path / "b" / "checkpoint.pth"), method)["epoch"] == 1
     monkeypatch.undo()
-    hpm.main(common.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path / "b")))
+    module.main(common.parse_config(module.Config, tiny_args(image_root / "train", tmp_path / "b")))
 
-    a, b = (common.load_checkpoint(str(tmp_path / d / "checkpoint.pth"), "hpm") for d in "ab")
+    a, b = (common.load_checkpoint(str(tmp_path / d / "checkpoint.pth"), method) for d in "ab")
     assert a["epoch"] == b["epoch"] == 2
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -74,15 +87,10 @@ def test_resume_is_bitwise_identical(image_root, tmp_path, monkeypatch):
     log_b = [json.loads(line)["step"] for line in open(tmp_path / "b" / "log.jsonl")]
     assert log_b == list(range(6))  # 3 steps x 2 epochs: none skipped or repeated on resume
 
-
-def test_checkpoint_encoder_uses_timm_names(image_root, tmp_path):
-    """The student encoder sits at the top level of ckpt['model'] under timm's names."""
-    model = hpm.main(common.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path, "--epochs", "1")))
-    ckpt = common.load_checkpoint(str(tmp_path / "checkpoint.pth"), "hpm")
+    assert not any(k.startswith(("module.", "_orig_mod.", "encoder.")) for k in a["model"])
+    encoder, _, _ = eval_linear.load_encoder(str(tmp_path / "a" / "checkpoint.pth"))
     for k, v in model.encoder.state_dict().items():
-        assert torch.equal(ckpt["model"][k], v), k
-    assert not any(k.startswith(("module.", "_orig_mod.", "encoder.")) for k in ckpt["model"])
-    assert ckpt["method"] == "hpm" and ckpt["config"]["model"] == "vit_tiny"
+        assert torch.equal(a["model"][k], v) and torch.equal(encoder.state_dict()[k], v), k
 
 
 def error_line(stderr):
