@@ -118,8 +118,7 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT encoder without classifier. The grid is always img_size // patch_size. The position
-    embedding is fixed 2-D sin-cos (MAE), stored as a parameter without gradient like MAE and timm."""
+    """ViT encoder, no classifier; grid = img_size // patch_size; fixed sin-cos PE (no gradient, as MAE)."""
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, drop_path=0.0):
         super().__init__()
@@ -157,22 +156,8 @@ def vit(name, img_size, patch_size, drop_path=0.0):
     return VisionTransformer(img_size, patch_size, width, depth, heads, drop_path=drop_path)
 
 
-def resnet(name, cifar_stem=False):
-    """A torchvision ResNet without its classifier (global-pooled features). cifar_stem: 3x3 conv,
-    stride 1, no max-pool, for 32 px images."""
-    if not hasattr(torchvision.models, name):
-        fail(f"unknown --model {name}; use a torchvision ResNet name such as resnet18 or resnet50")
-    net = getattr(torchvision.models, name)(weights=None)
-    if cifar_stem:
-        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        net.maxpool = nn.Identity()
-    net.fc = nn.Identity()
-    return net
-
-
 def init_mae_weights(module):
-    """MAE's init: xavier-uniform Linear (and patch-embed conv viewed as a Linear) with zero bias,
-    LayerNorm (1, 0), cls/mask tokens N(0, 0.02). The conv bias keeps PyTorch's default, as MAE."""
+    """MAE's init: xavier Linear (patch conv viewed as one; its bias kept), zero bias, LN (1, 0), cls N(0, .02)."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -250,8 +235,7 @@ class CIFAR10(torchvision.datasets.CIFAR10):
 
 
 def image_dataset(path, transform, data_root="./data", train=True):
-    """An ImageFolder directory, or the word `cifar10` for torchvision's CIFAR-10 (downloaded into
-    data_root on first use). Every failure is one line that names the fix."""
+    """An ImageFolder directory, or `cifar10` (torchvision's, downloaded into data_root); one-line errors."""
     if path == "cifar10":
         try:
             return CIFAR10(data_root, train=train, transform=transform, download=True)
@@ -321,8 +305,7 @@ class Context:
 
 
 def setup(cfg):
-    """Process group from torchrun's environment (nccl on CUDA, gloo on CPU), or a single process
-    without one; device, precision, seed (seed + rank)."""
+    """torchrun's process group (nccl on CUDA, gloo on CPU) or none; device, dtype, seed + rank."""
     want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if want.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {cfg.device} but no GPU is visible; pass --device cpu")
@@ -332,7 +315,7 @@ def setup(cfg):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world > 1 and not dist.is_initialized():
+    if world > 1 and not distributed():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
@@ -342,15 +325,19 @@ def setup(cfg):
     return Context(rank, world, device, names[dtype_name])
 
 
-def seed_all(seed):
+def seed_all(seed):  # python, numpy and torch (CPU and every GPU)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
+def distributed():  # inside a process group? (our collectives are no-ops without one)
+    return dist.is_available() and dist.is_initialized()
+
+
 def all_reduce_mean(x):
     """Mean over processes; the identity without a process group."""
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         x = x.clone()
         dist.all_reduce(x)
         x /= dist.get_world_size()
@@ -376,8 +363,7 @@ def compile_blocks(model):
 
 # --- Optimisation ----------------------------------------------------------------------------------
 def cosine_schedule(base, final, total_steps, warmup_steps=0):
-    """Per-step values: linear warmup from 0, then half-cosine from base to final (MAE's rule on the
-    fractional epoch; DINO's momentum schedule is the warmup-free case). -> array (total_steps,)"""
+    """Per-step values: linear warmup from 0, then half-cosine base -> final (MAE's rule; DINO's without warmup)."""
     steps = np.arange(total_steps, dtype=np.float64)
     warm = base * steps / max(warmup_steps, 1)
     t = (steps - warmup_steps) / max(total_steps - warmup_steps, 1)
@@ -419,8 +405,7 @@ def set_rng_state(s):
 
 
 def export_state(model, encoder="encoder"):
-    """The module's state dict with the encoder's prefix removed, so the encoder sits at the top level
-    under timm's names (MAE's fine-tuning code and timm's ViT load it with strict=False)."""
+    """State dict with the encoder at the top level under timm's names (MAE fine-tuning and timm load it)."""
     prefix = encoder + "."
     return {k.removeprefix(prefix): v for k, v in model.state_dict().items()}
 
@@ -439,17 +424,17 @@ def import_state(model, state, encoder="encoder"):
 def save_checkpoint(path, method, model, optimizer, epoch, cfg, scaler=None):
     """Rank 0 writes {method, model, optimizer, epoch (the next one), config, rng (one per rank)}."""
     rngs = [rng_state()]
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         rngs = [None] * dist.get_world_size()
         dist.all_gather_object(rngs, rng_state())
-    if rngs[0] is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+    if not distributed() or dist.get_rank() == 0:
         state = {"method": method, "model": export_state(model), "optimizer": optimizer.state_dict(),
                  "epoch": epoch, "config": dataclasses.asdict(cfg), "rng": rngs,
                  "scaler": scaler.state_dict() if scaler is not None else None}
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)  # a crash mid-write never leaves a half-written checkpoint
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.barrier()
 
 
@@ -500,8 +485,7 @@ def peak_memory_gib(device):
 
 
 class Logger:
-    """Rank 0 only: a tqdm bar, a line every log_every steps, JSON lines in output_dir/log.jsonl.
-    Metrics stay on the device and are summed there; .item() happens only at log time."""
+    """Rank 0: tqdm bar, log line + output_dir/log.jsonl every log_every steps (the only .item())."""
 
     def __init__(self, cfg, ctx, total_steps, start_step, images_per_step):
         self.ctx, self.every, self.images_per_step = ctx, cfg.log_every, images_per_step
@@ -546,8 +530,7 @@ class Logger:
 
 # --- Config: a dataclass becomes --flags; its field comments become --help -------------------------
 def parse_config(cls, argv=None):
-    """Every field of the dataclass `cls` becomes --name (bools also --no-name). `--preset NAME` loads
-    cls.presets[NAME] as new defaults; flags given explicitly still win."""
+    """Fields of `cls` become --flags (bools: --no-x); --preset loads new defaults, explicit flags win."""
     source = inspect.getsource(cls)
     comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", source, flags=re.M))
     parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,

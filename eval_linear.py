@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from torchvision import transforms
 
 import common
@@ -31,6 +32,19 @@ class Config:
     seed: int = 0  # linear-probe initialisation and shuffling
 
 
+def resnet(name, cifar_stem=False):
+    """A torchvision ResNet without its classifier (global-pooled features). cifar_stem: 3x3 conv,
+    stride 1, no max-pool, for 32 px images."""
+    if not hasattr(torchvision.models, name):
+        common.fail(f"unknown --model {name}; use a torchvision ResNet name such as resnet18 or resnet50")
+    net = getattr(torchvision.models, name)(weights=None)
+    if cifar_stem:
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return net
+
+
 def eval_transform(size):
     """Resize + centre crop (ImageNet's 256/224 ratio; none for small images), normalise."""
     resize = int(size * 256 / 224) if size >= 112 else size
@@ -46,7 +60,7 @@ def load_encoder(path):
     if cfg["model"].startswith("vit"):
         encoder = common.vit(cfg["model"], cfg["input_size"], cfg["patch_size"])
     else:
-        encoder = common.resnet(cfg["model"], cifar_stem=cfg["input_size"] <= 64)
+        encoder = resnet(cfg["model"], cifar_stem=cfg["input_size"] <= 64)
     wanted = encoder.state_dict()
     missing = [k for k in wanted if k not in ckpt["model"]]
     if missing:

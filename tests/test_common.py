@@ -221,3 +221,10 @@ def test_checkpoint_save_load_round_trip(tmp_path):
     assert ckpt["model"].keys() == common.export_state(model).keys()
     with pytest.raises(SystemExit, match="written by hpm.py, not mae.py"):
         common.load_checkpoint(path, "mae")
+
+
+def test_collectives_are_noops_without_a_process_group():
+    """A single process (no torchrun) has no process group: all_reduce_mean returns its input's values."""
+    x = torch.tensor([1.0, 2.0])
+    assert not common.distributed()
+    assert torch.equal(common.all_reduce_mean(x), x)

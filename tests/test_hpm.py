@@ -363,17 +363,22 @@ def test_reconstruction_loss_norm_pix_uses_unbiased_variance():
     assert torch.allclose(reconstruction_loss(recon, target, False), ((recon - target) ** 2).mean(-1))
 
 
+def forward_and_its_mask(model, x, progress, seed):
+    """model(x, progress) and the patch order its forward drew (same RNG state, same teacher scores)."""
+    scores = model.teacher_scores(x)
+    torch.manual_seed(seed)
+    loss, stats = model(x, progress)
+    torch.manual_seed(seed)
+    return loss, stats, mask_order(x.shape[0], N, "cpu", scores, model.num_hard(progress))
+
+
 @pytest.mark.parametrize("norm_pix", [False, True])
 @pytest.mark.parametrize("progress", [0.0, LATE])
 def test_losses_equal_mae_reference(norm_pix, progress):
     """§8.11-13: L_rec = MAE's mask-weighted loss (same mask, same weights, norm-pix rule) and L_pred =
     the official ranking loss on those per-patch values, decoded in MAE's restored order."""
     model, x = tiny_hpm(norm_pix_loss=norm_pix), images()
-    scores = model.teacher_scores(x)
-    torch.manual_seed(11)
-    loss, stats = model(x, progress)
-    torch.manual_seed(11)
-    ids = mask_order(4, N, "cpu", scores, model.num_hard(progress))
+    loss, stats, ids = forward_and_its_mask(model, x, progress, seed=11)
     ref_rec, ref_pred = mae_reference(model, x, ids)
     assert stats["loss_rec"].item() == pytest.approx(ref_rec.item(), rel=1e-5)
     assert stats["loss_pred"].item() == pytest.approx(ref_pred.item(), abs=1e-5)
@@ -385,11 +390,7 @@ def test_gradient_flow_between_towers(relative):
     """§2 stop-gradients/§8.9: L_pred reaches encoder, decoder_embed, mask token, predictor but not the
     reconstruction tower; L_rec never reaches the predictor tower; forward's total matches both."""
     model, x = tiny_hpm(relative=relative), images()
-    scores = model.teacher_scores(x)
-    torch.manual_seed(3)
-    loss, _ = model(x, LATE)
-    torch.manual_seed(3)
-    ids = mask_order(4, N, "cpu", scores, model.num_hard(LATE))
+    loss, _, ids = forward_and_its_mask(model, x, LATE, seed=3)
     loss_rec, loss_pred = forward_losses(model, x, ids[:, :K], ids[:, K:])
     assert torch.allclose(loss_rec + loss_pred, loss, atol=1e-6)
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
