@@ -32,7 +32,7 @@ def sync(device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("method", help="hpm (more as the methods land)")
+    parser.add_argument("method", help="hpm, droppos, semaim, mokd or scfs")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, caches)")
     parser.add_argument("--progress", type=float, default=0.5, help="position in the schedule, in [0, 1)")
@@ -45,7 +45,10 @@ def main():
         torch.set_num_threads(args.threads)
     ctx = common.setup(cfg)
     model = module.build(cfg).to(ctx.device)
-    optimizer = common.adamw(model, cfg.blr * cfg.batch_size / 256, cfg.weight_decay)
+    if hasattr(module, "make_optimizer"):  # methods with their own optimizer(s) (MOKD: SGD + AdamW)
+        optimizer = module.make_optimizer(model, cfg)
+    else:
+        optimizer = common.adamw(model, cfg.blr * cfg.batch_size / 256, cfg.weight_decay)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
     if cfg.compile:
         common.compile_blocks(model)
@@ -63,7 +66,7 @@ def main():
     median = statistics.median(times)
     peak = common.peak_memory_gib(ctx.device)
     print(json.dumps({
-        "method": args.method, "model": cfg.model, "input_size": cfg.input_size, "patch_size": cfg.patch_size,
+        "method": args.method, "model": cfg.model, "input_size": cfg.input_size, "patch_size": getattr(cfg, "patch_size", None),
         "device": str(ctx.device) if ctx.device.type == "cpu" else torch.cuda.get_device_name(),
         "dtype": str(ctx.dtype).removeprefix("torch."), "compile": cfg.compile, "threads": torch.get_num_threads(),
         "micro_batch": cfg.micro_batch, "progress": args.progress,

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import ImageFilter
 from torchvision import transforms
 from tqdm import tqdm
 
@@ -134,8 +135,10 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
 
     def embed_patches(self, imgs):
-        """(B, 3, H, W) -> patch tokens with their position embedding, (B, N, D)."""
-        return self.patch_embed(imgs) + self.pos_embed[:, 1:]
+        """(B, 3, H, W) -> patch tokens with their position embedding, (B, N, D); another image size
+        gets the embedding resized to its grid (DINO's multi-crop: 96 px local crops)."""
+        x = self.patch_embed(imgs)
+        return x + resize_pos_embed(self.pos_embed[:, 1:], imgs.shape[-1] // self.patch_size)
 
     def forward_tokens(self, tokens, attn_mask=None):
         """Prepend the cls token, run all blocks and the final norm. (B, T, D) -> (B, 1 + T, D)."""
@@ -147,6 +150,17 @@ class VisionTransformer(nn.Module):
 
     def forward(self, imgs):
         return self.forward_tokens(self.embed_patches(imgs))  # (B, 1 + N, D)
+
+
+def resize_pos_embed(pos, grid):
+    """(1, G*G, D) position table -> (1, grid*grid, D), bicubic on the 2-D grid as DINO; unchanged if G = grid.
+    NOTE(official): DINO scales by grid / G + 0.1 (a float-rounding guard); sizing by the grid is exact."""
+    old = int(round(math.sqrt(pos.shape[1])))
+    if old == grid:
+        return pos
+    x = pos.reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, D, G, G)
+    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False)
+    return x.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
 
 
 def vit(name, img_size, patch_size, drop_path=0.0):
@@ -279,13 +293,16 @@ class Batches:
         self.sampler.set_epoch(epoch)
         self.generator.manual_seed(self.seed + 1000 * epoch)  # loader workers' augmentation seeds
         try:
-            for images, _, skipped in self.loader:
-                self.read += len(images)
+            for images, _, skipped in self.loader:  # images: a tensor, or a list of crops (multi-crop)
+                self.read += len(skipped)
                 self.skipped += int(skipped.sum())  # a CPU tensor from the loader: no device sync
                 if self.skipped > max(self.read, 8):  # more unreadable files than readable ones
                     fail(f"most images could not be read ({self.skipped} unreadable, {self.read} read); "
                          "check the dataset")
-                yield images.to(self.device, non_blocking=True)
+                if isinstance(images, (list, tuple)):  # crop-major: V tensors of (B, 3, h, w)
+                    yield [x.to(self.device, non_blocking=True) for x in images]
+                else:
+                    yield images.to(self.device, non_blocking=True)
         except DataError as e:  # re-raised from a worker with a traceback: keep our sentence only
             fail(str(e).strip().splitlines()[-1].split("DataError: ")[-1])
 
@@ -388,6 +405,190 @@ def set_lr(optimizer, lr):
         group["lr"] = float(lr)  # a plain float: numpy scalars would not pass torch.load(weights_only)
 
 
+# --- DINO machinery (MOKD, SCFS): multi-crop, head, centred loss, EMA --------------------------------
+def resnet(name, cifar_stem=False):
+    """torchvision ResNet, fc = Identity (global-pooled features); cifar_stem: 3x3 stride-1 conv, no max-pool."""
+    if not hasattr(torchvision.models, name) or not name.startswith(("resnet", "wide_resnet", "resnext")):
+        fail(f"unknown --model {name}; use a torchvision ResNet name such as resnet18 or resnet50")
+    net = getattr(torchvision.models, name)(weights=None)
+    if cifar_stem:
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return net
+
+
+def resnet_features(net, x, stages=(4,)):
+    """(B, 3, H, W) -> post-ReLU maps of net.layer{k}, k in stages (no hooks); pooled feature = map4.mean((2, 3))."""
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    maps = []
+    for k in range(1, max(stages) + 1):
+        x = getattr(net, f"layer{k}")(x)
+        if k in stages:
+            maps.append(x)
+    return maps
+
+
+class RandomBlur:
+    """PIL Gaussian blur with probability p, radius U(0.1, 2) (DINO's at 224 px) scaled by size / 224."""
+    def __init__(self, p, size):
+        self.p, self.scale = p, size / 224
+
+    def __call__(self, img):
+        if float(torch.rand(())) >= self.p:
+            return img
+        radius = (0.1 + 1.9 * float(torch.rand(()))) * self.scale
+        return img.filter(ImageFilter.GaussianBlur(radius))
+
+
+class MultiCrop:
+    """DINO's multi-crop: PIL image -> [global 1 (blur p 1), global 2 (blur .1, solarize .2), locals (blur .5)]."""
+    def __init__(self, global_size=224, local_size=96, local_crops=8, global_scale=(0.4, 1.0),
+                 local_scale=(0.05, 0.4)):
+        bicubic = transforms.InterpolationMode.BICUBIC
+        colour = [transforms.RandomHorizontalFlip(0.5),
+                  transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                  transforms.RandomGrayscale(0.2)]
+        norm = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        g_crop = transforms.RandomResizedCrop(global_size, scale=global_scale, interpolation=bicubic)
+        l_crop = transforms.RandomResizedCrop(local_size, scale=local_scale, interpolation=bicubic)
+        self.global1 = transforms.Compose([g_crop, *colour, RandomBlur(1.0, global_size), *norm])
+        self.global2 = transforms.Compose([g_crop, *colour, RandomBlur(0.1, global_size),
+                                           transforms.RandomSolarize(128, p=0.2), *norm])
+        self.local = transforms.Compose([l_crop, *colour, RandomBlur(0.5, local_size), *norm])
+        self.local_crops = local_crops
+
+    def __call__(self, img):
+        return [self.global1(img), self.global2(img)] + [self.local(img) for _ in range(self.local_crops)]
+
+
+class DINOHead(nn.Module):
+    """DINO's head: MLP, L2-normalise, weight-normed last layer (g = 1, frozen iff norm_last_layer)."""
+    def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256, nlayers=3, norm_last_layer=True):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
+        layers = []
+        for i in range(nlayers):
+            layers += [nn.Linear(dims[i], dims[i + 1])] + ([nn.GELU()] if i < nlayers - 1 else [])
+        self.mlp = nn.Sequential(*layers)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = weight_normed_linear(bottleneck_dim, out_dim, trainable_g=not norm_last_layer)
+
+    def forward(self, x):
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+def weight_normed_linear(in_dim, out_dim, trainable_g=True):
+    """Linear(in_dim, out_dim, bias=False), weight = g v / |v| per row, g = 1. parametrizations.weight_norm:
+    g, v = last_layer.parametrizations.weight.original0/1 (deepcopy works; the old weight_norm's does not)."""
+    layer = torch.nn.utils.parametrizations.weight_norm(nn.Linear(in_dim, out_dim, bias=False))
+    g = layer.parametrizations.weight.original0
+    g.data.fill_(1.0)
+    g.requires_grad_(trainable_g)
+    return layer
+
+
+def dino_loss(student_out, teacher_out, center, student_temp, teacher_temp):
+    """DINO's cross-entropy: mean over the pairs (teacher chunk i, student chunk v), v != i, of
+    mean_b(-sum_k q log p); q = softmax((t - center) / teacher_temp) (no gradient), p = softmax(s / student_temp).
+    student_out (V*B, K), teacher_out (2*B, K), both crop-major; center (1, K) or None. float32 scalar.
+    NOTE(official): DINO loops over the 2V - 2 pairs; here they are summed at once as
+    sum_i q_i . (sum_v log p_v) - sum_i q_i . log p_i (same value and gradient, fewer passes over (B, K))."""
+    B = teacher_out.shape[0] // 2
+    V = student_out.shape[0] // B
+    t = teacher_out.detach().float()
+    q = F.softmax((t - center if center is not None else t) / teacher_temp, dim=-1)  # (2B, K)
+    logp = F.log_softmax(student_out.float() / student_temp, dim=-1)  # (VB, K)
+    all_views = logp.view(V, B, -1).sum(0)  # (B, K)
+    cross = (q.view(2, B, -1).sum(0) * all_views).sum() - (q * logp[:2 * B]).sum()
+    return -cross / (B * (2 * V - 2))
+
+
+class DINOCenter(nn.Module):
+    """The running centre (buffer (1, K)) of a teacher's outputs, subtracted before its softmax."""
+    def __init__(self, dim):
+        super().__init__()
+        self.register_buffer("center", torch.zeros(1, dim))
+
+    @torch.no_grad()
+    def update(self, teacher_out, momentum=0.9):
+        """c <- m c + (1 - m) mean of the rows of teacher_out (all processes' rows when distributed)."""
+        batch_mean = all_reduce_mean(teacher_out.float().mean(0, keepdim=True))
+        self.center.mul_(momentum).add_(batch_mean, alpha=1 - momentum)
+
+
+def teacher_temperature(epoch, warmup_temp, temp, warmup_epochs):
+    """DINO's per-epoch teacher temperature: linspace(warmup_temp, temp, W)[epoch] for epoch < W, then temp."""
+    if epoch < warmup_epochs:
+        return float(np.linspace(warmup_temp, temp, warmup_epochs)[epoch])
+    return float(temp)
+
+
+@torch.no_grad()
+def ema_update(teacher, student, momentum):
+    """teacher <- m teacher + (1 - m) student, parameters by order, buffers untouched (a lerp: equal stays equal)."""
+    t, s = list(teacher.parameters()), list(student.parameters())
+    assert len(t) == len(s), "teacher and student differ in structure"
+    torch._foreach_lerp_(t, s, 1.0 - momentum)
+
+
+def clip_per_tensor(parameters, max_norm):
+    """DINO's clip_gradients: each gradient scaled by max_norm / (norm + 1e-6) where that is below 1, every
+    tensor on its own (not a global norm); foreach norms, no host sync. NOTE(official): DINO also calls
+    .item() on every norm. Returns the global norm before clipping (detached), for the log."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch.stack(torch._foreach_norm(grads))  # (P,)
+    if max_norm > 0:
+        torch._foreach_mul_(grads, list((max_norm / (norms + 1e-6)).clamp(max=1.0).unbind()))
+    return norms.norm()
+
+
+def cancel_last_layer(model, epoch, freeze_epochs):
+    """DINO's freeze_last_layer: no gradient (so no step, no decay) for *last_layer* parameters while epoch < freeze."""
+    if epoch < freeze_epochs:
+        for name, p in model.named_parameters():
+            if "last_layer" in name:
+                p.grad = None
+
+
+class Optimizers:
+    """Several optimizers as one; state_dict() numbers parameters across them, shaped like one optimizer's."""
+    def __init__(self, *optimizers):
+        self.optimizers = list(optimizers)
+
+    param_groups = property(lambda self: [g for o in self.optimizers for g in o.param_groups])
+
+    def step(self):
+        [o.step() for o in self.optimizers]
+
+    def zero_grad(self, set_to_none=True):
+        [o.zero_grad(set_to_none=set_to_none) for o in self.optimizers]
+
+    def state_dict(self):
+        state, groups, offset = {}, [], 0
+        for o in self.optimizers:
+            sd = o.state_dict()
+            state.update({k + offset: v for k, v in sd["state"].items()})
+            groups += [{**g, "params": [i + offset for i in g["params"]]} for g in sd["param_groups"]]
+            offset += sum(len(g["params"]) for g in sd["param_groups"])
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict):
+        offset, first = 0, 0
+        for o in self.optimizers:
+            groups = state_dict["param_groups"][first:first + len(o.param_groups)]
+            count = sum(len(g["params"]) for g in groups)
+            o.load_state_dict({
+                "state": {k - offset: v for k, v in state_dict["state"].items() if offset <= k < offset + count},
+                "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in groups]})
+            offset, first = offset + count, first + len(groups)
+
+
 # --- Checkpoints: output_dir/checkpoint.pth, written atomically; auto-resume -----------------------
 def rng_state():
     np_state = np.random.get_state()
@@ -421,8 +622,9 @@ def import_state(model, state, encoder="encoder"):
              "resume with the same --model/--input_size/--patch_size, or use a fresh --output_dir")
 
 
-def save_checkpoint(path, method, model, optimizer, epoch, cfg, scaler=None):
-    """Rank 0 writes {method, model, optimizer, epoch (the next one), config, rng (one per rank)}."""
+def save_checkpoint(path, method, model, optimizer, epoch, cfg, scaler=None, encoders=None):
+    """Rank 0 writes {method, model, optimizer, epoch (the next one), config, rng (one per rank)}; encoders
+    {name: (module, arch)} adds encoders[name] = {arch, state} (torchvision / timm names) for eval_linear."""
     rngs = [rng_state()]
     if distributed():
         rngs = [None] * dist.get_world_size()
@@ -431,6 +633,8 @@ def save_checkpoint(path, method, model, optimizer, epoch, cfg, scaler=None):
         state = {"method": method, "model": export_state(model), "optimizer": optimizer.state_dict(),
                  "epoch": epoch, "config": dataclasses.asdict(cfg), "rng": rngs,
                  "scaler": scaler.state_dict() if scaler is not None else None}
+        if encoders:
+            state["encoders"] = {k: {"arch": arch, "state": m.state_dict()} for k, (m, arch) in encoders.items()}
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)  # a crash mid-write never leaves a half-written checkpoint

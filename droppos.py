@@ -214,17 +214,6 @@ def build(cfg):
                    cfg.official_smoothing)
 
 
-def clip_per_parameter(parameters, max_norm):
-    """DINO's clip_gradients (spec 3.12): each gradient scaled by max_norm / (norm + 1e-6) where that is
-    below 1, every tensor on its own; foreach norms, no host sync. NOTE(official): upstream also calls
-    .item() on every norm. Returns the global norm before clipping, for the log."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    norms = torch.stack(torch._foreach_norm(grads))  # (P,)
-    if max_norm > 0:
-        torch._foreach_mul_(grads, list((max_norm / (norms + 1e-6)).clamp(max=1.0).unbind()))
-    return norms.norm()
-
-
 def train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, progress, epoch):
     """One optimizer step over `accum` micro-batches from `stream` (also timed by bench.py)."""
     for micro in range(accum):
@@ -235,7 +224,7 @@ def train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, progress,
                 loss, stats = ddp(images, progress)
             scaler.scale(loss / accum).backward()
     scaler.unscale_(optimizer)
-    stats["grad_norm"] = clip_per_parameter(model.parameters(), cfg.clip_grad)  # method-specific
+    stats["grad_norm"] = common.clip_per_tensor(model.parameters(), cfg.clip_grad)  # method-specific
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from torchvision import transforms
 
 import common
@@ -30,19 +29,7 @@ class Config:
     probe_epochs: int = 100  # linear-probe epochs over the cached features
     probe_lr: float = 0.1  # SGD lr (momentum 0.9, cosine decay, no weight decay), for batch 256
     seed: int = 0  # linear-probe initialisation and shuffling
-
-
-def resnet(name, cifar_stem=False):
-    """A torchvision ResNet without its classifier (global-pooled features). cifar_stem: 3x3 conv,
-    stride 1, no max-pool, for 32 px images."""
-    if not hasattr(torchvision.models, name):
-        common.fail(f"unknown --model {name}; use a torchvision ResNet name such as resnet18 or resnet50")
-    net = getattr(torchvision.models, name)(weights=None)
-    if cifar_stem:
-        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        net.maxpool = nn.Identity()
-    net.fc = nn.Identity()
-    return net
+    encoder: str = ""  # which encoder of a multi-encoder checkpoint (MOKD: cnn or vit); default: the only one
 
 
 def eval_transform(size):
@@ -53,21 +40,36 @@ def eval_transform(size):
         transforms.ToTensor(), transforms.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])
 
 
-def load_encoder(path):
-    """The encoder stored at the top level of a checkpoint's model, built from its config."""
+def load_encoder(path, name=""):
+    """The encoder of a checkpoint: ckpt["encoders"][name] when the method saved several (MOKD), else the
+    one stored at the top level of its model, built from its config. -> (encoder, ckpt, input size);
+    ckpt["arch"] says what was loaded."""
     ckpt = common.load_checkpoint(path)
-    cfg = ckpt["config"]
-    if cfg["model"].startswith("vit"):
-        encoder = common.vit(cfg["model"], cfg["input_size"], cfg["patch_size"])
+    if ckpt.get("encoders"):
+        names = sorted(ckpt["encoders"])
+        if not name and len(names) > 1:
+            common.fail(f"{path} holds the encoders {', '.join(names)}; pick one with --encoder")
+        name = name or names[0]
+        if name not in ckpt["encoders"]:
+            common.fail(f"{path} has no encoder {name!r}; pass --encoder {' or '.join(names)}")
+        arch, state = ckpt["encoders"][name]["arch"], ckpt["encoders"][name]["state"]
     else:
-        encoder = resnet(cfg["model"], cifar_stem=cfg["input_size"] <= 64)
+        cfg = ckpt["config"]
+        arch = {"model": cfg["model"], "input_size": cfg["input_size"], "patch_size": cfg.get("patch_size", 16),
+                "cifar_stem": cfg["input_size"] <= 64}
+        state = ckpt["model"]
+    if arch["model"].startswith("vit"):
+        encoder = common.vit(arch["model"], arch["input_size"], arch["patch_size"])
+    else:
+        encoder = common.resnet(arch["model"], arch.get("cifar_stem", False))
     wanted = encoder.state_dict()
-    missing = [k for k in wanted if k not in ckpt["model"]]
+    missing = [k for k in wanted if k not in state]
     if missing:
-        common.fail(f"{path} has no {cfg['model']} encoder weights (missing {missing[0]}, ...); "
+        common.fail(f"{path} has no {arch['model']} encoder weights (missing {missing[0]}, ...); "
                     "pass a checkpoint written by one of our training scripts")
-    encoder.load_state_dict({k: ckpt["model"][k] for k in wanted})
-    return encoder.eval(), ckpt, cfg["input_size"]
+    encoder.load_state_dict({k: state[k] for k in wanted})
+    ckpt["arch"] = arch
+    return encoder.eval(), ckpt, arch["input_size"]
 
 
 @torch.no_grad()
@@ -135,7 +137,7 @@ def main(cfg):
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if not cfg.checkpoint:
         common.fail("no --checkpoint given; pass the checkpoint.pth of a training run")
-    encoder, ckpt, size = load_encoder(cfg.checkpoint)
+    encoder, ckpt, size = load_encoder(cfg.checkpoint, cfg.encoder)
     encoder.to(device)
     val_dir = next((os.path.join(cfg.data_path, d) for d in ("val", "test")
                     if os.path.isdir(os.path.join(cfg.data_path, d))), None)
@@ -148,7 +150,7 @@ def main(cfg):
         num_classes = len(dataset.classes)
     (train_x, train_y), (val_x, val_y) = splits["train"], splits["val"]
     result = {"checkpoint": cfg.checkpoint, "method": ckpt["method"], "epoch": ckpt["epoch"],
-              "model": ckpt["config"]["model"], "train_images": len(train_x), "val_images": len(val_x),
+              "model": ckpt["arch"]["model"], "train_images": len(train_x), "val_images": len(val_x),
               "knn_top1": knn_top1(train_x, train_y, val_x, val_y, cfg.knn_k, cfg.knn_temperature, num_classes),
               "linear_top1": linear_top1(train_x, train_y, val_x, val_y, num_classes, cfg)}
     print(json.dumps(result))

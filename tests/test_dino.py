@@ -1,0 +1,263 @@
+"""Tests of the DINO machinery in common.py (used by mokd.py and scfs.py): ResNet features, position-table
+resizing, multi-crop, the DINO head, the centred loss, centre, temperature and momentum schedules, EMA,
+per-tensor clipping, last-layer freezing, several optimizers as one, multi-encoder checkpoints
+(specs/mokd.md §2, §3, §7; values worked out by hand)."""
+import copy
+import math
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import common
+import eval_linear
+
+
+# --- ResNet and ViT at two resolutions ---------------------------------------------------------------
+def test_resnet_cifar_stem_and_features():
+    """fc is Identity (pooled 512-d for resnet18); the CIFAR stem keeps 32 px at stride 1 until layer2;
+    resnet_features gives the post-ReLU stage maps and their mean is the network's own pooled output."""
+    torch.manual_seed(0)
+    net = common.resnet("resnet18", cifar_stem=True).eval()
+    assert isinstance(net.fc, nn.Identity) and isinstance(net.maxpool, nn.Identity)
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    x = torch.randn(2, 3, 32, 32)
+    m2, m4 = common.resnet_features(net, x, stages=(2, 4))
+    assert m2.shape == (2, 128, 16, 16) and m4.shape == (2, 512, 4, 4) and m4.min() >= 0
+    assert torch.allclose(m4.mean((2, 3)), net(x), atol=1e-6)
+    assert common.resnet_features(common.resnet("resnet18"), torch.randn(1, 3, 64, 64))[0].shape == (1, 512, 2, 2)
+    assert not any(k.startswith("fc.") for k in net.state_dict())
+    with pytest.raises(SystemExit):
+        common.resnet("vgg11")
+
+
+def test_resize_pos_embed_and_vit_at_two_resolutions():
+    """Same grid: the table itself; another grid: bicubic resize (a constant table stays constant);
+    the ViT runs on 32 px and 16 px crops with 1 + 64 and 1 + 16 tokens."""
+    pos = torch.randn(1, 64, 8)
+    assert common.resize_pos_embed(pos, 8) is pos
+    const = torch.full((1, 64, 8), 0.5)
+    assert torch.allclose(common.resize_pos_embed(const, 4), torch.full((1, 16, 8), 0.5), atol=1e-6)
+    vit = common.VisionTransformer(32, 4, 32, 1, 2)
+    assert vit(torch.randn(2, 3, 32, 32)).shape == (2, 65, 32)
+    assert vit(torch.randn(2, 3, 16, 16)).shape == (2, 17, 32)
+
+
+# --- Multi-crop data -----------------------------------------------------------------------------------
+def test_multicrop_shapes_and_batches_of_crop_lists(image_root):
+    """2 globals + n locals per image, normalised tensors; Batches yields V crop-major (B, 3, h, w) tensors."""
+    crops = common.MultiCrop(32, 16, 3, (0.25, 1.0), (0.05, 0.25))
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    out = crops(img)
+    assert [tuple(c.shape) for c in out] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
+    dataset = common.image_dataset(str(image_root / "train"), crops)
+    cfg = types.SimpleNamespace(batch_size=8, micro_batch=4, num_workers=0, seed=0)
+    ctx = common.Context(0, 1, torch.device("cpu"), torch.float32)
+    batches = common.Batches(dataset, cfg, ctx)
+    first = next(batches.epoch(0))
+    assert isinstance(first, list) and [tuple(c.shape) for c in first] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 3
+    assert batches.read == 4
+
+
+def test_blur_radius_scales_with_crop_size():
+    """p = 0 never blurs; p = 1 always does; the radius range is DINO's U(0.1, 2) scaled by size / 224."""
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    assert common.RandomBlur(0.0, 32)(img) is img
+    assert common.RandomBlur(1.0, 32).scale == pytest.approx(32 / 224)
+    assert np.asarray(common.RandomBlur(1.0, 224)(img)).std() < np.asarray(img).std()
+
+
+# --- Head ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("norm_last_layer", [True, False])
+def test_dino_head(norm_last_layer):
+    """MLP -> L2-normalise -> weight-normed Linear without bias, g = 1 (so every weight row has norm 1),
+    g frozen iff norm_last_layer; the weight-norm parameters are named *last_layer*; deepcopy works."""
+    torch.manual_seed(0)
+    head = common.DINOHead(16, 64, hidden_dim=32, bottleneck_dim=8, nlayers=3, norm_last_layer=norm_last_layer)
+    names = dict(head.named_parameters())
+    g = names["last_layer.parametrizations.weight.original0"]
+    assert g.shape == (64, 1) and torch.equal(g, torch.ones(64, 1)) and g.requires_grad == (not norm_last_layer)
+    assert [type(m) for m in head.mlp] == [nn.Linear, nn.GELU, nn.Linear, nn.GELU, nn.Linear]
+    assert head.last_layer.bias is None
+    assert torch.allclose(head.last_layer.weight.norm(dim=1), torch.ones(64), atol=1e-6)
+    x = torch.randn(5, 16)
+    z = torch.nn.functional.normalize(head.mlp(x), dim=-1)
+    assert torch.allclose(head(x), z @ head.last_layer.weight.T, atol=1e-6)
+    assert all(b.abs().sum() == 0 for n, b in names.items() if n.startswith("mlp") and n.endswith("bias"))
+    twin = copy.deepcopy(head)
+    assert torch.equal(twin(x), head(x))
+
+
+# --- Loss, centre, schedules -------------------------------------------------------------------------------
+def loop_dino_loss(student, teacher, center, ts, tt):
+    """The official loop form: 2 teacher chunks x V student chunks, same-index pairs skipped."""
+    V = student.shape[0] // (teacher.shape[0] // 2)
+    q = torch.softmax((teacher - center) / tt, -1).chunk(2)
+    lp = torch.log_softmax(student / ts, -1).chunk(V)
+    terms = [(-q[i] * lp[v]).sum(-1).mean() for i in range(2) for v in range(V) if v != i]
+    return sum(terms) / len(terms), len(terms)
+
+
+def test_dino_loss_value_worked_by_hand():
+    """K=2, B=1, V=3. Teacher: q0 = (.5, .5), q1 = (.75, .25). Student: p0 = p2 = (.5, .5), p1 = (.75, .25).
+    Pairs (0,1): -(.5 ln .75 + .5 ln .25); (0,2), (1,0), (1,2): ln 2 each; mean of the 4."""
+    ts, tt = 0.1, 0.04
+    teacher = torch.tensor([[0.0, 0.0], [math.log(3) * tt, 0.0]])
+    student = torch.tensor([[0.0, 0.0], [math.log(3) * ts, 0.0], [0.0, 0.0]])
+    expected = (-(0.5 * math.log(0.75) + 0.5 * math.log(0.25)) + 3 * math.log(2)) / 4  # 0.729107
+    assert common.dino_loss(student, teacher, None, ts, tt).item() == pytest.approx(expected, rel=1e-5)
+    assert expected == pytest.approx(0.729107, abs=1e-6)
+    # the same-view pairs (0,0) and (1,1) are left out: including them would give another value
+    assert (-(0.5 * math.log(0.75) + 0.5 * math.log(0.25)) + 3 * math.log(2) + math.log(2)
+            + -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))) / 6 != pytest.approx(expected)
+
+
+def test_dino_loss_matches_the_loop_and_skips_same_views():
+    """Random outputs: equals the official loop over 2V - 2 = 18 pairs (V = 10), with a centre; constant
+    student outputs give ln K whatever the teacher; the teacher side gets no gradient."""
+    g = torch.Generator().manual_seed(0)
+    B, K, V = 3, 50, 10
+    student = torch.randn(V * B, K, generator=g, requires_grad=True)
+    teacher = torch.randn(2 * B, K, generator=g, requires_grad=True)
+    center = torch.randn(1, K, generator=g)
+    ours = common.dino_loss(student, teacher, center, 0.1, 0.05)
+    ref, terms = loop_dino_loss(student, teacher, center, 0.1, 0.05)
+    assert terms == 18 and ours.dtype == torch.float32
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    ours.backward()
+    assert teacher.grad is None
+    g_ours = student.grad.clone()
+    student.grad = None
+    ref.backward()
+    assert torch.allclose(g_ours, student.grad, atol=1e-6)
+    flat = common.dino_loss(torch.zeros(V * B, K), teacher.detach(), center, 0.1, 0.05)
+    assert flat.item() == pytest.approx(math.log(K), rel=1e-6)
+
+
+def test_center_update_is_an_ema_of_the_teacher_batch_mean():
+    """c <- .9 c + .1 mean(rows): from 0, one update of rows (1, 3) and (3, 5) gives (.2, .4)."""
+    c = common.DINOCenter(2)
+    assert torch.equal(c.center, torch.zeros(1, 2))
+    c.update(torch.tensor([[1.0, 3.0], [3.0, 5.0]]))
+    assert torch.allclose(c.center, torch.tensor([[0.2, 0.4]]))
+    c.update(torch.tensor([[0.0, 0.0]]))
+    assert torch.allclose(c.center, torch.tensor([[0.18, 0.36]]))
+    assert "center" in dict(c.named_buffers())
+
+
+def test_teacher_temperature_schedule():
+    """linspace(.04, .07, W)[e] for e < W, then .07: W = 30 gives .04 at 0, .07 at 29 and 30,
+    .04 + .03 * 15/29 at 15."""
+    t = common.teacher_temperature
+    assert t(0, 0.04, 0.07, 30) == pytest.approx(0.04)
+    assert t(29, 0.04, 0.07, 30) == pytest.approx(0.07) and t(30, 0.04, 0.07, 30) == 0.07
+    assert t(15, 0.04, 0.07, 30) == pytest.approx(0.04 + 0.03 * 15 / 29)
+    assert t(49, 0.04, 0.07, 50) == pytest.approx(0.07) and t(10, 0.04, 0.07, 0) == 0.07
+
+
+def test_momentum_schedule_is_dinos_cosine():
+    """m_it = 1 - (1 - .996)(1 + cos(pi it / T)) / 2: .996 at 0, rising monotonically towards 1."""
+    T = 37
+    m = common.cosine_schedule(0.996, 1.0, T)
+    it = np.arange(T)
+    assert np.allclose(m, 1 - (1 - 0.996) * (1 + np.cos(np.pi * it / T)) / 2, atol=1e-15)
+    assert m[0] == pytest.approx(0.996) and np.all(np.diff(m) > 0) and m[-1] < 1
+
+
+# --- EMA, clipping, freezing ------------------------------------------------------------------------------
+def test_ema_update_exact_and_buffers_untouched():
+    """Every parameter (frozen ones too) becomes m t + (1 - m) s; equal parameters stay bit-identical;
+    buffers (BN running statistics) are not averaged."""
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    for p in student.parameters():
+        p.data.add_(torch.randn_like(p))
+    student[1].running_mean.fill_(7.0)
+    old = [p.clone() for p in teacher.parameters()]
+    common.ema_update(teacher, student, 0.9)
+    for t, o, s in zip(teacher.parameters(), old, student.parameters()):
+        assert torch.allclose(t, 0.9 * o + 0.1 * s, atol=1e-7)
+    assert torch.equal(teacher[1].running_mean, torch.zeros(3))
+    same = nn.Linear(3, 3)
+    twin = copy.deepcopy(same)
+    common.ema_update(twin, same, 0.996)
+    assert all(torch.equal(a, b) for a, b in zip(twin.parameters(), same.parameters()))
+
+
+def test_clip_per_tensor_without_grads_and_below_the_limit():
+    """No gradients: a zero norm; gradients below the limit are untouched bit for bit."""
+    p = nn.Parameter(torch.zeros(3))
+    assert common.clip_per_tensor([p], 3.0).item() == 0
+    p.grad = torch.tensor([0.3, 0.4, 0.0])
+    assert common.clip_per_tensor([p], 3.0).item() == pytest.approx(0.5)
+    assert torch.equal(p.grad, torch.tensor([0.3, 0.4, 0.0]))
+
+
+def test_cancel_last_layer():
+    """Gradients of *last_layer* parameters are dropped while epoch < freeze_epochs, kept afterwards."""
+    head = common.DINOHead(4, 6, 8, 4, norm_last_layer=False)
+    head(torch.randn(2, 4)).sum().backward()
+    common.cancel_last_layer(head, 1, 1)
+    assert all(p.grad is not None for p in head.parameters())
+    common.cancel_last_layer(head, 0, 1)
+    assert all((p.grad is None) == ("last_layer" in n) for n, p in head.named_parameters())
+
+
+# --- Several optimizers, multi-encoder checkpoints ----------------------------------------------------------
+def two_optimizers(seed=0):
+    torch.manual_seed(seed)
+    a, b = nn.Linear(3, 2), nn.Linear(2, 2)
+    opt = common.Optimizers(torch.optim.SGD([{"params": [a.weight]}, {"params": [a.bias]}], lr=0.1, momentum=0.9),
+                            torch.optim.AdamW(b.parameters(), lr=0.01))
+    return a, b, opt
+
+
+def step(a, b, opt):
+    opt.zero_grad()
+    (a(torch.ones(1, 3)).sum() + b(torch.ones(1, 2)).pow(2).sum()).backward()
+    opt.step()
+
+
+def test_optimizers_state_dict_round_trip():
+    """One state dict shaped like a single optimizer's (params numbered 0..3 across both); loading it into
+    fresh optimizers and stepping gives the same weights as never stopping."""
+    a, b, opt = two_optimizers()
+    step(a, b, opt)
+    sd = copy.deepcopy(opt.state_dict())  # as torch.save would: no tensors shared with opt
+    assert sorted(sd["state"]) == [0, 1, 2, 3] and [g["params"] for g in sd["param_groups"]] == [[0], [1], [2, 3]]
+    a2, b2, opt2 = two_optimizers()
+    a2.load_state_dict(a.state_dict())
+    b2.load_state_dict(b.state_dict())
+    opt2.load_state_dict(sd)
+    step(a, b, opt)
+    step(a2, b2, opt2)
+    for x, y in zip([*a.parameters(), *b.parameters()], [*a2.parameters(), *b2.parameters()]):
+        assert torch.equal(x, y)
+    assert len(opt.param_groups) == 3
+
+
+def test_checkpoint_with_several_encoders(tmp_path):
+    """encoders={name: (module, arch)} are stored under torchvision / timm names; eval_linear loads the one
+    named by --encoder and stops with a one-line error listing the names when it is ambiguous."""
+    torch.manual_seed(0)
+    cnn, vit = common.resnet("resnet18", cifar_stem=True), common.vit("vit_tiny", 32, 4)
+    model = nn.ModuleDict({"cnn": cnn, "vit": vit})
+    opt = common.Optimizers(torch.optim.SGD(cnn.parameters(), lr=0.1), torch.optim.AdamW(vit.parameters()))
+    cfg = eval_linear.Config()  # any dataclass: stored as the run's config
+    path = str(tmp_path / "checkpoint.pth")
+    encoders = {"cnn": (cnn, {"model": "resnet18", "input_size": 32, "cifar_stem": True}),
+                "vit": (vit, {"model": "vit_tiny", "input_size": 32, "patch_size": 4})}
+    common.save_checkpoint(path, "mokd", model, opt, 1, cfg, encoders=encoders)
+    for name, module in (("cnn", cnn), ("vit", vit)):
+        encoder, ckpt, size = eval_linear.load_encoder(path, name)
+        assert size == 32 and ckpt["arch"]["model"] == encoders[name][1]["model"]
+        assert encoder.state_dict().keys() == module.state_dict().keys()
+        assert all(torch.equal(v, module.state_dict()[k]) for k, v in encoder.state_dict().items())
+    with pytest.raises(SystemExit, match="cnn, vit; pick one with --encoder"):
+        eval_linear.load_encoder(path)
+    with pytest.raises(SystemExit, match="no encoder 'x'"):
+        eval_linear.load_encoder(path, "x")
