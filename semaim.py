@@ -1,0 +1,317 @@
+"""semaim.py: Semantic-Aware Autoregressive Image Modeling (Song, Zhang, Wang, AAAI 2024): SAIM's two-stream
+autoregressive ViT over a permutation of patches, with a semantic order. Each step the current encoder embeds
+the full image without gradient; the patch most cosine-similar to [CLS] is the semantic centre, and patches are
+predicted outward by grid distance from it (ties at random). The content stream (the encoder) sees cls, the
+earlier patches and itself; a query stream that starts from position embeddings only cross-attends to the
+strictly earlier content and predicts Gaussian-blurred, per-patch normalised pixels of every patch.
+Paper: arXiv 2312.10457.  Run: torchrun --nproc_per_node=8 semaim.py --data_path /imagenet/train
+Shapes: B batch, N patches on a G x G grid, T = 1 + N tokens ([CLS] first), D width, P = patch*patch*3.
+To reuse: copy this file and common.py."""
+import math
+import os
+from collections import OrderedDict
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import Block, patchify
+
+
+# --- config ---------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    data_path: str = ""  # ImageFolder of training images (one sub-folder per class), or the word cifar10
+    data_root: str = "./data"  # where --data_path cifar10 is downloaded to
+    output_dir: str = "./output_semaim"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
+    model: str = "vit_base"  # encoder = content stream: vit_tiny, vit_small, vit_base, vit_large (spec 2: aim_base)
+    input_size: int = 224  # image side in pixels
+    patch_size: int = 16  # patch side; the grid is input_size // patch_size
+    drop_path: float = 0.0  # stochastic depth of both streams (spec 6: 0 in pretraining)
+    query_depth: int = 12  # query-stream blocks, one after every depth // query_depth encoder blocks (spec 2: 12)
+    order: str = "semantic"  # semantic (SemAIM, upstream attention_center), stochastic (SAIM), raster (row-major)
+    blur_kernel: int = 9  # side of the Gaussian blur of the pixel targets; 0: no blur (spec 4: 9)
+    blur_sigma: float = 1.0  # its standard deviation in pixels (spec 4: 1)
+    norm_pix_loss: bool = True  # per-patch normalised targets, unbiased var + 1e-6 (spec 6: README command on)
+    epochs: int = 800  # pretraining epochs (spec 6: 800; 400 also reported)
+    warmup_epochs: int = 30  # linear lr warmup (spec 6)
+    batch_size: int = 2048  # global batch, the paper's number (spec 6: 32 GPUs x 64)
+    micro_batch: int = 64  # per-device batch; gradient accumulation makes up batch_size (speed/memory only)
+    blr: float = 2e-4  # base lr; lr = blr * batch_size / 256 = 1.6e-3 (spec 6)
+    min_lr: float = 0.0  # end of the cosine decay (spec 6)
+    weight_decay: float = 0.05  # AdamW, betas (0.9, 0.95); no decay on biases and norms (spec 6)
+    clip_grad: float = 3.0  # global grad-norm clip (spec 6: README command 3.0)
+    num_workers: int = 10  # data loader processes per device
+    seed: int = 0  # each process uses seed + rank
+    device: str = "auto"  # auto (cuda if available), cuda or cpu
+    dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16
+    compile: bool = False  # torch.compile each transformer block (both streams)
+    resume: str = ""  # checkpoint to resume from; default: output_dir/checkpoint.pth if it exists
+    log_every: int = 50  # optimizer steps between log lines
+
+    presets: ClassVar[dict] = {
+        # ViT-Tiny/4 at 32 px (8 x 8 grid), a query block after every encoder block as ViT-B; blur 9/1 kept
+        # (it fades only a 1-2 pixel rim), everything else as the paper's recipe scaled to one GPU.
+        "cifar10": dict(model="vit_tiny", input_size=32, patch_size=4, query_depth=12, epochs=100,
+                        warmup_epochs=10, batch_size=512, micro_batch=256, num_workers=8,
+                        output_dir="./output_semaim_cifar10"),
+    }
+
+
+# --- method ---------------------------------------------------------------------------------------
+ORDERS = ("semantic", "stochastic", "raster")
+
+
+def order_scores(kind, batch, grid, device, centre=None):
+    """Per-patch score, lower = predicted earlier (spec 3.2). semantic: squared grid distance to the centre
+    (B,) plus U[0, 1): distances first, equidistant patches in uniformly random order; stochastic: U[0, 1)
+    (SAIM); raster: the row-major index. -> (B, N) float64.
+    NOTE(official): upstream scores sqrt(d^2) + 1e-3 U in fp32, where equidistant patches tie exactly in
+    ~14 % of images (spec 3.2); integer d^2 + U in float64 orders the same way and never ties. Its `raster`
+    is a 14-column snake; ours is plain row-major (upstream `zigzag`) and fits any grid."""
+    N = grid * grid
+    if kind == "raster":
+        return torch.arange(N, device=device, dtype=torch.float64).expand(batch, N)
+    noise = torch.rand(batch, N, device=device, dtype=torch.float64)
+    if kind == "stochastic":
+        return noise
+    cell = torch.arange(N, device=device)
+    d2 = (cell // grid - centre[:, None] // grid) ** 2 + (cell % grid - centre[:, None] % grid) ** 2  # (B, N)
+    return d2 + noise  # noise < 1 never reorders different integer distances
+
+
+def order_ranks(scores):
+    """Position of every patch in the order (0 = predicted first), a bijection onto 0..N-1. (B, N)"""
+    return scores.argsort(dim=1).argsort(dim=1)
+
+
+def order_masks(rank):
+    """Two-stream attention masks from ranks (spec 3.3), bool, True = may attend, (B, 1, T, T), T = 1 + N.
+    content: patch i sees cls, itself and every earlier patch (k + 2 keys at order position k);
+    query: cls and the strictly earlier patches (k + 1 keys). Both cls rows see cls only, and every row
+    sees cls, so no row is empty. NOTE(official): upstream builds two fp32 additive -inf masks from the raw
+    scores (tied scores see each other); ranks are tie-free and boolean masks take 1/4 of the memory."""
+    r = F.pad(rank, (1, 0), value=-1)  # (B, T): cls ranks before every patch
+    content = r[:, None, :] <= r[:, :, None]  # [b, i, j]: key j not after query i
+    query = r[:, None, :] < r[:, :, None]
+    query[:, :, 0] = True  # the cls row would be empty otherwise; its output is never used
+    return content.unsqueeze(1), query.unsqueeze(1)
+
+
+def gaussian_kernel(size, sigma):
+    """size x size Gaussian, centre (size - 1) / 2, normalised to sum 1 (spec 4; upstream GaussianConv2d)."""
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) // 2
+    k = torch.exp(-(x[:, None] ** 2 + x[None] ** 2) / (2 * sigma ** 2))
+    return (k / k.sum()).float()
+
+
+def pixel_targets(imgs, patch_size, kernel=None, norm_pix=True):
+    """Blur each channel with zero padding (borders fade toward 0, as upstream; spec 8.9), patchify, and
+    normalise every patch by its mean and unbiased variance + 1e-6 (spec 4). (B, 3, H, W) -> (B, N, P) fp32."""
+    imgs = imgs.float()
+    if kernel is not None:
+        imgs = F.conv2d(imgs, kernel.expand(3, 1, -1, -1), padding=kernel.shape[-1] // 2, groups=3)
+    target = patchify(imgs, patch_size)
+    if norm_pix:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    return target
+
+
+class CrossAttention(nn.Module):
+    """Queries from the query stream, keys and values from the content stream of the same layer; three
+    separate D x D projections with bias, as upstream (so xavier init treats each on its own, spec 2)."""
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, g, h, attn_mask):
+        """g, h: (B, T, D); attn_mask: bool (B, 1, T, T), True = may attend."""
+        B, T, D = g.shape
+        q, k, v = (lin(x).view(B, T, self.num_heads, D // self.num_heads).transpose(1, 2)
+                   for lin, x in ((self.q, g), (self.k, h), (self.v, h)))
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, T, D/heads)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class QueryBlock(Block):
+    """Query-stream block (spec 2): g <- g + Proj(MHA(LN1(g), LN1(h))); g <- g + MLP(LN2(g)). The same LN1
+    normalises both streams; the stream never attends to itself. A Block subclass, so that
+    common.compile_blocks compiles it too."""
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
+        super().__init__(dim, num_heads, mlp_ratio, drop_path)
+        self.attn = CrossAttention(dim, num_heads)
+
+    def forward(self, g, h, attn_mask):
+        g = g + self.drop_path(self.attn(self.norm1(g), self.norm1(h), attn_mask))
+        return g + self.drop_path(self.mlp(self.norm2(g)))
+
+
+class SemAIM(nn.Module):
+    """Two-stream autoregressive image modeling in a semantic-aware (or stochastic, raster) order.
+    `loss, stats = model(images, progress)`; progress is unused (no schedule belongs to the method)."""
+
+    def __init__(self, encoder, query_depth=12, order="semantic", blur_kernel=9, blur_sigma=1.0,
+                 norm_pix_loss=True, drop_path=0.0):
+        super().__init__()
+        depth = len(encoder.blocks)
+        if order not in ORDERS:
+            raise ValueError(f"unknown order {order}; choose one of {', '.join(ORDERS)}")
+        if not 0 < query_depth <= depth or depth % query_depth:
+            raise ValueError(f"query_depth {query_depth} must divide the encoder depth {depth}")
+        self.encoder, self.order, self.norm_pix_loss = encoder, order, norm_pix_loss
+        self.step = depth // query_depth  # a query block after every step-th encoder block (spec 2)
+        D, heads = encoder.embed_dim, encoder.blocks[0].attn.num_heads
+        rates = torch.linspace(0, drop_path, depth).tolist()[:query_depth]  # upstream's dpr[i] for query block i
+        self.query_blocks = nn.ModuleList(QueryBlock(D, heads, drop_path=r) for r in rates)
+        P = encoder.patch_size ** 2 * 3
+        # Head = Linear(D, 4D)-GELU-Linear(4D, P) (spec 2, MLP head), upstream's names.
+        self.prediction_head = nn.Sequential(OrderedDict(
+            fc1=nn.Linear(D, 4 * D), act=nn.GELU(), fc2=nn.Linear(4 * D, P)))
+        # NOTE(official): upstream saves the blur kernel in the checkpoint; here it is a non-persistent buffer.
+        kernel = gaussian_kernel(blur_kernel, blur_sigma)[None, None] if blur_kernel > 0 else None
+        self.register_buffer("blur", kernel, persistent=False)  # (1, 1, k, k) or None
+        common.init_mae_weights(self)  # xavier Linear incl. each of q/k/v, zero bias, LN (1, 0), cls N(0, .02)
+
+    @torch.no_grad()
+    def semantic_centre(self, imgs):
+        """The current encoder on the full image, no mask, no gradient, eval mode (drop-path off), final norm;
+        the patch most cosine-similar to [CLS] (spec 3.1-3.2; the softmax upstream is irrelevant to the
+        arg-max). NOTE(official): upstream runs this in fp32 outside autocast and runs the last block twice
+        (once only to read attention maps that the cls mode never uses); here one plain pass in the step's
+        precision (fp32 on CPU). -> (B,) row-major patch index"""
+        training = self.encoder.training
+        self.encoder.eval()
+        z = self.encoder(imgs).float()  # (B, T, D)
+        self.encoder.train(training)
+        return F.cosine_similarity(z[:, :1], z[:, 1:], dim=-1).argmax(dim=1)
+
+    def ranks(self, imgs):
+        """Order position of every patch for this step, from the current weights (spec 5). -> (B, N)"""
+        centre = self.semantic_centre(imgs) if self.order == "semantic" else None
+        scores = order_scores(self.order, imgs.shape[0], self.encoder.grid, imgs.device, centre)
+        return order_ranks(scores)
+
+    def predict(self, imgs, rank):
+        """Both streams under the masks of `rank`; tokens stay in raster order (spec 2). -> (B, N, P)"""
+        enc = self.encoder
+        allow_content, allow_query = order_masks(rank)  # (B, 1, T, T) each
+        cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(imgs.shape[0], -1, -1)
+        h = torch.cat([cls, enc.embed_patches(imgs)], dim=1)  # (B, T, D) content stream
+        g = enc.pos_embed.expand(imgs.shape[0], -1, -1)  # (B, T, D) query stream: fixed positions only
+        for i, block in enumerate(enc.blocks):
+            h = block(h, allow_content)
+            if (i + 1) % self.step == 0:  # the query block reads this block's output (spec 2)
+                g = self.query_blocks[i // self.step](g, h, allow_query)
+        # The final norm is the encoder's (upstream's single `norm`): trained on the query stream only, used on
+        # content features for the order and the linear probe (spec 8.5). NOTE(official): upstream runs norm
+        # and head on the cls slot too and then drops it; here it is dropped first (same predictions).
+        return self.prediction_head(enc.norm(g[:, 1:]))  # (B, N, P)
+
+    def forward(self, imgs, progress=None):
+        rank = self.ranks(imgs)  # (B, N); before the masked pass, so its activations are freed first
+        pred = self.predict(imgs, rank)
+        # NOTE(official): upstream blurs and normalises under fp16 autocast; here always fp32 (STYLE: pixel
+        # normalisation in fp32), so the targets do not depend on --dtype.
+        with torch.no_grad(), torch.autocast(imgs.device.type, enabled=False):
+            target = pixel_targets(imgs, self.encoder.patch_size, self.blur, self.norm_pix_loss)  # (B, N, P)
+        loss = (pred.float() - target).pow(2).mean()  # every patch, the first too, equal weight (spec 4)
+        return loss, order_stats(rank, self.encoder.grid)
+
+
+@torch.no_grad()
+def order_stats(rank, grid):
+    """Diagnostics of the first patch of the order (the semantic centre): centre_dist, its mean Euclidean
+    distance in cells from the image centre (uniformly random centres: ~0.38 G); centre_border, the share
+    of centres on the outermost ring of patches (uniform: 4 (G - 1) / G^2)."""
+    first = (rank == 0).float().argmax(dim=1)  # (B,)
+    r, c, mid = first // grid, first % grid, (grid - 1) / 2
+    dist = ((r - mid) ** 2 + (c - mid) ** 2).float().sqrt()
+    border = (r == 0) | (c == 0) | (r == grid - 1) | (c == grid - 1)
+    return {"centre_dist": dist.mean(), "centre_border": border.float().mean()}
+
+
+def uniform_centre_dist(grid):
+    """Reference for the centre_dist diagnostic: its mean over all cells of the grid."""
+    mid = (grid - 1) / 2
+    return sum(math.hypot(r - mid, c - mid) for r in range(grid) for c in range(grid)) / grid ** 2
+
+
+# --- training -------------------------------------------------------------------------------------
+def build(cfg):
+    """The model of a config (used by main, bench.py and the tests)."""
+    encoder = common.vit(cfg.model, cfg.input_size, cfg.patch_size, cfg.drop_path)
+    if cfg.order not in ORDERS:
+        common.fail(f"unknown --order {cfg.order}; choose one of {', '.join(ORDERS)}")
+    if cfg.query_depth < 1 or len(encoder.blocks) % cfg.query_depth:
+        common.fail(f"--query_depth {cfg.query_depth} does not divide the {len(encoder.blocks)} blocks of "
+                    f"{cfg.model}; pick a divisor such as {len(encoder.blocks)}")
+    if cfg.blur_kernel > 0 and (cfg.blur_kernel % 2 == 0 or cfg.blur_sigma <= 0):
+        common.fail(f"--blur_kernel {cfg.blur_kernel} --blur_sigma {cfg.blur_sigma}: the kernel needs an odd "
+                    "side and a positive sigma; pass e.g. 9 and 1, or --blur_kernel 0 for no blur")
+    return SemAIM(encoder, cfg.query_depth, cfg.order, cfg.blur_kernel, cfg.blur_sigma, cfg.norm_pix_loss,
+                  cfg.drop_path)
+
+
+def train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, progress, epoch):
+    """One optimizer step over `accum` micro-batches from `stream` (also timed by bench.py)."""
+    for micro in range(accum):
+        images = next(stream)
+        # gradients are all-reduced only on the last micro-batch of a step
+        with ddp.no_sync() if ctx.world > 1 and micro < accum - 1 else nullcontext():
+            with ctx.autocast():
+                loss, stats = ddp(images, progress)
+            scaler.scale(loss / accum).backward()
+    scaler.unscale_(optimizer)
+    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, stats
+
+
+def main(cfg):
+    ctx = common.setup(cfg)
+    dataset = common.image_dataset(cfg.data_path, common.mae_transform(cfg.input_size), cfg.data_root)
+    batches = common.Batches(dataset, cfg, ctx)
+    steps_per_epoch, accum = batches.steps_per_epoch, batches.accum
+
+    model = build(cfg).to(ctx.device)  # method-specific
+    lr = cfg.blr * cfg.batch_size / 256
+    optimizer = common.adamw(model, lr, cfg.weight_decay)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
+    start_epoch = common.resume(cfg, "semaim", model, optimizer, ctx, scaler)
+    if cfg.compile:
+        common.compile_blocks(model)  # encoder blocks and query blocks (QueryBlock is a Block)
+    ddp = common.wrap_ddp(model, ctx)
+    total_steps = cfg.epochs * steps_per_epoch
+    lrs = common.cosine_schedule(lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch)
+    log = common.Logger(cfg, ctx, total_steps, start_epoch * steps_per_epoch, cfg.batch_size)
+    log.info(f"semaim: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable "
+             f"params; lr {lr:.3g} = blr {cfg.blr:g} x {cfg.batch_size} / 256; {ctx.world} process(es) x "
+             f"{accum} micro-batch(es) of {cfg.micro_batch}; {steps_per_epoch} steps/epoch; {ctx.device}, {ctx.dtype}")
+    grid = model.encoder.grid  # method-specific
+    log.info(f"semaim: {cfg.order} order over a {grid} x {grid} grid; {cfg.query_depth} query blocks, one "
+             f"after every {model.step} encoder block(s); uniform centres would give centre_dist "
+             f"{uniform_centre_dist(grid):.2f}, centre_border {4 * (grid - 1) / grid ** 2:.2f}")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        stream = batches.epoch(epoch)
+        for it in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + it
+            common.set_lr(optimizer, lrs[step])
+            loss, stats = train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, step / total_steps, epoch)
+            log.step(step, epoch, lrs[step], loss, stats)
+        common.save_checkpoint(os.path.join(cfg.output_dir, "checkpoint.pth"), "semaim", model, optimizer,
+                               epoch + 1, cfg, scaler)
+    log.close()
+    return model
+
+
+if __name__ == "__main__":
+    main(common.parse_config(Config))
