@@ -1,0 +1,329 @@
+"""scfs.py: Semantics-Consistent Feature Search (Song et al., ICCV 2023): DINO on a ResNet (EMA teacher on
+the two global crops, student on all crops, centring + sharpening) plus a feature search at ResNet stages
+2, 3 and 4. The student's pooled feature of each local crop is a query; its cosine similarity with every
+location of the teacher's map of global crop 1 re-weights that map, and the re-weighted map, through a
+small per-stage head, is the distillation target of that local crop (so a crop is pulled only towards
+the regions of the other view that show the same thing).
+Paper: arXiv 2212.06486.  Run: torchrun --nproc_per_node=8 scfs.py --data_path /imagenet/train
+Shapes: B batch per crop, L local crops, V = 2 + L crops, C_k channels of stage k, H x W a stage map,
+K out_dim of the DINO head, D out_dim of the stage heads.
+To reuse: copy this file and common.py."""
+import copy
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+# --- config ---------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    data_path: str = ""  # ImageFolder of training images (one sub-folder per class), or the word cifar10
+    data_root: str = "./data"  # where --data_path cifar10 is downloaded to
+    output_dir: str = "./output_scfs"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
+    model: str = "resnet50"  # torchvision ResNet, student and teacher (spec 2: resnet50; any depth works here)
+    cifar_stem: bool = False  # 3x3 stride-1 first conv and no max-pool, for 32 px images
+    input_size: int = 224  # side of the 2 global crops (spec 3: 224)
+    local_size: int = 96  # side of the local crops (spec 3: 96)
+    local_crops: int = 8  # number of local crops L (spec 3: 8)
+    global_scale_min: float = 0.25  # global crops cover 0.25-1 of the image area (spec 3, README; code default .4)
+    local_scale_min: float = 0.05  # local crops cover 0.05-0.25 of it (spec 3, README)
+    local_scale_max: float = 0.25  # upper end of the local-crop scale (spec 3: README 0.25; code default 0.4)
+    search: bool = True  # the stage-wise feature search; --no-search is plain DINO, the paper's baseline
+    out_dim: int = 65536  # DINO head output K (spec 2)
+    hidden_dim: int = 2048  # DINO head MLP width (spec 2)
+    bottleneck_dim: int = 256  # DINO head bottleneck before the weight-normed last layer (spec 2)
+    norm_last_layer: bool = True  # last-layer magnitude fixed to 1 (spec 2)
+    stage_bottleneck: int = 256  # width of the residual block in each stage head (spec 2: 256)
+    stage_hidden: int = 2048  # BN-MLP width of each stage head (spec 2: 2048)
+    stage_dim: int = 256  # stage head output D, softmax taken over it directly (spec 2: 256)
+    student_temp: float = 0.1  # tau_s (spec 3)
+    teacher_temp: float = 0.07  # tau_t after its warm-up (spec 4)
+    warmup_teacher_temp: float = 0.04  # tau_t at epoch 0 (spec 4)
+    warmup_teacher_temp_epochs: int = 50  # linear tau_t ramp, per epoch (spec 4: 50)
+    center_momentum: float = 0.9  # all four centers (spec 3)
+    momentum_teacher: float = 0.996  # EMA momentum, cosine to 1 per step (spec 3)
+    epochs: int = 200  # pretraining epochs (README: 200; 800 for the long run)
+    warmup_epochs: int = 10  # linear lr warm-up (spec 3)
+    batch_size: int = 256  # global batch (README: 8 GPUs x 32)
+    micro_batch: int = 32  # per-device batch; gradient accumulation makes up batch_size (speed/memory only)
+    blr: float = 0.1  # SGD base lr; lr = blr * batch_size / 256 (README)
+    min_lr: float = 0.0048  # end of the cosine, absolute (README)
+    weight_decay: float = 1e-4  # SGD momentum 0.9; constant; none on biases and BN (spec 3)
+    clip_grad: float = 3.0  # per-tensor gradient-norm clip, DINO style (spec 3)
+    freeze_last_layer: int = 1  # epochs in which the DINO head's last layer is not updated (spec 3)
+    num_workers: int = 10  # data loader processes per device
+    seed: int = 0  # each process uses seed + rank
+    device: str = "auto"  # auto (cuda if available), cuda or cpu
+    dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16 (NOTE(official): fp16)
+    compile: bool = False  # torch.compile each ResNet stage and stage head
+    resume: str = ""  # checkpoint to resume from; default: output_dir/checkpoint.pth if it exists
+    log_every: int = 50  # optimizer steps between log lines
+
+    presets: ClassVar[dict] = {
+        # ResNet-18 with the CIFAR stem, 2 x 32 px + 6 x 16 px crops; maps 16/8/4 (globals), 8/4/2 (locals).
+        "cifar10": dict(model="resnet18", cifar_stem=True, input_size=32, local_size=16, local_crops=6,
+                        out_dim=4096, stage_hidden=1024, epochs=100, warmup_epochs=10,
+                        warmup_teacher_temp_epochs=30, batch_size=256, micro_batch=256, blr=0.3,
+                        weight_decay=5e-4, num_workers=8, output_dir="./output_scfs_cifar10"),
+    }
+
+
+# --- method ---------------------------------------------------------------------------------------
+def stage_channels(net, stage):
+    """C_k of a torchvision ResNet's layer{stage} output (BasicBlock: 64 * 2^(k-1); Bottleneck: 4x that).
+    NOTE(official): the official heads hard-code ResNet-50 widths 512/1024/2048 (spec 2)."""
+    return 64 * 2 ** (stage - 1) * type(net.layer4[-1]).expansion
+
+
+class StageHead(nn.Module):
+    """Per-stage 'shallow' head (spec 2): residual bottleneck (1x1 C->Db, 3x3, 1x1 Db->C, BN each, bias-free
+    convs, + input, ReLU), global average pool, Linear-BN-ReLU-Linear-BN, L2 normalisation.
+    (N, C, H, W) -> (N, D). Default PyTorch init, as the official."""
+
+    def __init__(self, channels, bottleneck=256, hidden=2048, out_dim=256):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, bottleneck, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(bottleneck)
+        self.conv2 = nn.Conv2d(bottleneck, bottleneck, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(bottleneck)
+        self.conv3 = nn.Conv2d(bottleneck, channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(channels)
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, out_dim), nn.BatchNorm1d(out_dim))
+
+    def forward(self, x, weights=None):
+        """weights (L, B, H, W): x (B, C, H, W) is a map to re-weight by each of the L similarity maps first,
+        giving L*B outputs, crop-major. conv1 is a 1x1 convolution without bias, linear at each location,
+        so conv1(A * x) = A * conv1(x): it runs once on the B maps instead of on the L*B re-weighted ones
+        (same values up to rounding). NOTE(official): the official convolves the L*B re-weighted maps."""
+        if weights is None:
+            h = self.conv1(x)
+        else:
+            h = (weights.unsqueeze(2) * self.conv1(x).unsqueeze(0)).flatten(0, 1)  # (L*B, Db, H, W)
+            x = (weights.unsqueeze(2) * x.unsqueeze(0)).flatten(0, 1)  # the searched maps S, (L*B, C, H, W)
+        h = F.relu(self.bn1(h), inplace=True)
+        h = F.relu(self.bn2(self.conv2(h)), inplace=True)
+        h = F.relu(self.bn3(self.conv3(h)) + x)
+        # NOTE(official): mean over (H, W) instead of AdaptiveAvgPool + .squeeze(), which breaks at batch 1
+        return F.normalize(self.mlp(h.mean((2, 3))), dim=-1)  # (N, D)
+
+
+@torch.no_grad()
+def feature_search(local_maps, teacher_map):
+    """Similarity maps of the search (spec 2): the pooled, L2-normalised student feature of each local
+    crop (the query, stop-grad) against the channel-normalised teacher map of global crop 1 at every
+    location; plain cosine, no softmax or temperature, in [0, 1] for post-ReLU features.
+    local_maps (L*B, C, h, w) crop-major, teacher_map (B, C, H, W) -> (L, B, H, W)."""
+    B, C = teacher_map.shape[:2]
+    query = F.normalize(local_maps.detach().float().mean((2, 3)), dim=1).view(-1, B, C)  # (L, B, C)
+    keys = F.normalize(teacher_map.float(), dim=1)  # (B, C, H, W)
+    # NOTE(official): one einsum over all L crops instead of a loop over crops that concatenates as it goes
+    return torch.einsum("lbc,bchw->lbhw", query, keys).to(teacher_map.dtype)
+
+
+def search_loss(student_local, teacher_local, student_temp, teacher_temp):
+    """L_l^k (spec 3): crop i of the student against the target searched with crop i's own query, no
+    centring. Both (L*B, D) crop-major; mean over crops of batch means = mean over all rows."""
+    targets = F.softmax(teacher_local.float() / teacher_temp, dim=-1)
+    return -(targets * F.log_softmax(student_local.float() / student_temp, dim=-1)).sum(-1).mean()
+
+
+class SCFS(nn.Module):
+    """DINO with stage-wise semantics-consistent feature search. `loss, stats = model(crops, progress)`,
+    crops = [global 1, global 2, local 1..L], each (B, 3, h, w). search=False is plain DINO.
+    NOTE(official): no box generator and no RoIAlign layers: the official builds them and passes them
+    around but never calls them in its training step (spec 2, 6.6)."""
+
+    def __init__(self, encoder, out_dim=65536, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True,
+                 search=True, stages=(2, 3, 4), stage_bottleneck=256, stage_hidden=2048, stage_dim=256,
+                 student_temp=0.1, teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=50,
+                 center_momentum=0.9, epochs=200):
+        super().__init__()
+        self.stages = tuple(sorted(stages)) if search else ()  # stages with a search and a head
+        self.taps = tuple(sorted(set(self.stages) | {4}))  # maps read from the encoder; layer4 gives the pool
+        head = common.DINOHead(stage_channels(encoder, 4), out_dim, hidden_dim, bottleneck_dim,
+                               norm_last_layer=norm_last_layer)
+        stage_heads = nn.ModuleList(StageHead(stage_channels(encoder, k), stage_bottleneck, stage_hidden,
+                                              stage_dim) for k in self.stages)
+        self.student = nn.ModuleDict({"encoder": encoder, "head": head, "stage_heads": stage_heads})
+        # Teacher: a copy, no gradients, updated by EMA of parameters only; it stays in train mode, so its
+        # BatchNorms use batch statistics (spec 2).
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        # NOTE(official): centers are buffers of the model, so a resume restores all four (upstream forgets c_4)
+        self.center = common.DINOCenter(out_dim)  # c of L_d
+        self.stage_centers = nn.ModuleList(common.DINOCenter(stage_dim) for _ in stage_heads)  # c_k
+        self.student_temp, self.center_momentum, self.epochs = student_temp, center_momentum, epochs
+        self.teacher_temp_args = (warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
+
+    def teacher_temp(self, progress):
+        """tau_t, set per epoch: linear warmup_teacher_temp -> teacher_temp over the warm-up epochs (spec 3)."""
+        epoch = min(int(progress * self.epochs + 1e-6), self.epochs - 1)
+        return common.teacher_temperature(epoch, *self.teacher_temp_args)
+
+    def forward(self, crops, progress):
+        B = crops[0].shape[0]
+        student, teacher, ts = self.student, self.teacher, self.student_temp
+        tt = self.teacher_temp(progress)
+        # Student: globals and locals in two calls, so BatchNorm normalises each resolution on its own
+        # (spec 6.9, as DINO's multi-crop wrapper).
+        maps_g = common.resnet_features(student["encoder"], torch.cat(crops[:2]), self.taps)  # [(2B, C_k, H, W)]
+        maps_l = common.resnet_features(student["encoder"], torch.cat(crops[2:]), self.taps)  # [(LB, C_k, h, w)]
+        z_s = student["head"](torch.cat([maps_g[-1].mean((2, 3)), maps_l[-1].mean((2, 3))]))  # (V*B, K); no BN
+        # NOTE(official): the teacher pass runs under no_grad (upstream: outside it, but nothing in it
+        # requires grad, spec 3), and the student's DINO head runs once on all crops (no BatchNorm in it).
+        with torch.no_grad():  # the teacher sees the 2 global crops only
+            maps_t = common.resnet_features(teacher["encoder"], torch.cat(crops[:2]), self.taps)
+            z_t = teacher["head"](maps_t[-1].mean((2, 3)))  # (2B, K)
+        loss_dino = common.dino_loss(z_s, z_t, self.center.center, ts, tt)  # 2 x (V - 1) pairs (spec 3)
+        stats = {"loss_dino": loss_dino.detach(), "teacher_temp": torch.full((), tt, device=z_s.device)}
+        loss, loss_global, loss_search, similarity = loss_dino, 0.0, 0.0, 0.0
+        for i, (head_s, head_t) in enumerate(zip(student["stage_heads"], teacher["stage_heads"])):
+            k = self.taps.index(self.stages[i])
+            p_s_g, p_s_l = head_s(maps_g[k]), head_s(maps_l[k])  # (2B, D), (LB, D)
+            with torch.no_grad():
+                view1 = maps_t[k][:B]  # keys and values: teacher map of global crop 1 only (spec 6.1)
+                sim = feature_search(maps_l[k], view1)  # (L, B, H, W)
+                p_t_g = head_t(maps_t[k])  # (2B, D)
+                p_t_l = head_t(view1, weights=sim)  # searched targets, (LB, D); own BN call (spec 6.9)
+            # L_g^k: cross-view and centred, i.e. DINO's loss over the 2 global crops: 2 pairs, 1/2 each
+            stage_global = common.dino_loss(p_s_g, p_t_g, self.stage_centers[i].center, ts, tt)
+            stage_search = search_loss(p_s_l, p_t_l, ts, tt)  # L_l^k: L same-index pairs, uncentred
+            loss = loss + 0.5 * (stage_global + stage_search)  # spec 3: L = L_d + sum_k (L_g^k + L_l^k) / 2
+            loss_global, loss_search = loss_global + stage_global.detach(), loss_search + stage_search.detach()
+            similarity = similarity + sim.float().mean()
+            # after the loss: the loss used the previous center; global teacher outputs only (spec 3)
+            self.stage_centers[i].update(p_t_g, self.center_momentum)
+        self.center.update(z_t, self.center_momentum)
+        if self.stages:
+            n = len(self.stages)
+            stats.update(loss_stage_global=loss_global / n, loss_search=loss_search / n, search_sim=similarity / n)
+        return loss, stats
+
+    @torch.no_grad()
+    def update_teacher(self, momentum):
+        """teacher <- m * teacher + (1 - m) * student over parameters, after each optimizer step (spec 3)."""
+        common.ema_update(self.teacher, self.student, momentum)
+
+
+def teacher_momentum(progress, base=0.996):
+    """EMA momentum at a point of training: 1 - (1 - m0)(1 + cos(pi * progress)) / 2, 0.996 -> 1 (spec 3)."""
+    return 1 - (1 - base) * (1 + math.cos(math.pi * progress)) / 2
+
+
+# --- training -------------------------------------------------------------------------------------
+def build(cfg):
+    """The model of a config (used by main, bench.py and the tests)."""
+    encoder = common.resnet(cfg.model, cifar_stem=cfg.cifar_stem)
+    return SCFS(encoder, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.norm_last_layer, cfg.search,
+                (2, 3, 4), cfg.stage_bottleneck, cfg.stage_hidden, cfg.stage_dim, cfg.student_temp,
+                cfg.teacher_temp, cfg.warmup_teacher_temp, cfg.warmup_teacher_temp_epochs, cfg.center_momentum,
+                cfg.epochs)
+
+
+def make_optimizer(model, cfg):
+    """SGD, momentum 0.9; weight decay on conv/linear weights only, none on biases and BN; frozen
+    parameters (teacher, fixed last-layer magnitude) left out (spec 3). The lr is set every step.
+    NOTE(official): weight decay is a constant, not a per-step schedule (upstream's runs 1e-4 -> 1e-4)."""
+    return torch.optim.SGD(common.param_groups(model, cfg.weight_decay), lr=0.0, momentum=0.9)
+
+
+def synthetic_batch(cfg, device):
+    """Random crops of the real shapes, for bench.py: 2 globals then the locals, each (B, 3, h, w)."""
+    sizes = [cfg.input_size] * 2 + [cfg.local_size] * cfg.local_crops
+    return [torch.randn(cfg.micro_batch, 3, s, s, device=device) for s in sizes]
+
+
+def lr_schedule(lr, min_lr, total_steps, warmup_steps):
+    """Per-step lr: DINO's warm-up reaches lr at its last step (np.linspace(0, lr, W)), then a half-cosine
+    from lr towards min_lr that never quite reaches it (spec 7.12)."""
+    lrs = common.cosine_schedule(lr, min_lr, total_steps, warmup_steps)
+    lrs[:warmup_steps] = np.linspace(0, lr, warmup_steps)
+    return lrs
+
+
+def average_batchnorm_stats(model):
+    """Make BatchNorm running statistics equal on all processes (mean), before a checkpoint. On CUDA the
+    BatchNorms are SyncBatchNorm (already equal); on CPU, where torch has no SyncBatchNorm, each process
+    normalised its own micro-batch. NOTE(official): official is GPU-only with SyncBatchNorm (spec 2)."""
+    if common.distributed():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(common.all_reduce_mean(m.running_mean))
+                m.running_var.copy_(common.all_reduce_mean(m.running_var))
+
+
+def train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, progress, epoch):
+    """One optimizer step over `accum` micro-batches from `stream` (also timed by bench.py)."""
+    for micro in range(accum):
+        crops = next(stream)  # [global 1, global 2, local 1..L]
+        # gradients are all-reduced only on the last micro-batch of a step
+        with ddp.no_sync() if ctx.world > 1 and micro < accum - 1 else nullcontext():
+            with ctx.autocast():
+                loss, stats = ddp(crops, progress)
+            scaler.scale(loss / accum).backward()
+    scaler.unscale_(optimizer)
+    stats["grad_norm"] = common.clip_per_tensor(model.parameters(), cfg.clip_grad)  # method-specific
+    common.cancel_last_layer(model, epoch, cfg.freeze_last_layer)  # method-specific
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    model.update_teacher(teacher_momentum(progress, cfg.momentum_teacher))  # method-specific
+    return loss, stats
+
+
+def main(cfg):
+    ctx = common.setup(cfg)
+    transform = common.MultiCrop(cfg.input_size, cfg.local_size, cfg.local_crops, (cfg.global_scale_min, 1.0),
+                                 (cfg.local_scale_min, cfg.local_scale_max))  # method-specific
+    dataset = common.image_dataset(cfg.data_path, transform, cfg.data_root)
+    batches = common.Batches(dataset, cfg, ctx)
+    steps_per_epoch, accum = batches.steps_per_epoch, batches.accum
+
+    model = build(cfg).to(ctx.device)  # method-specific
+    if ctx.world > 1 and ctx.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN over the global batch, as the official
+    lr = cfg.blr * cfg.batch_size / 256
+    optimizer = make_optimizer(model, cfg)  # method-specific
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
+    start_epoch = common.resume(cfg, "scfs", model, optimizer, ctx, scaler)
+    if cfg.compile:
+        for net in (model.student, model.teacher):  # method-specific: the ResNet stages and stage heads
+            for module in [getattr(net["encoder"], f"layer{k}") for k in range(1, 5)] + list(net["stage_heads"]):
+                module.compile()
+    ddp = common.wrap_ddp(model, ctx)
+    total_steps = cfg.epochs * steps_per_epoch
+    lrs = lr_schedule(lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch)  # method-specific
+    log = common.Logger(cfg, ctx, total_steps, start_epoch * steps_per_epoch, cfg.batch_size)
+    log.info(f"scfs: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable "
+             f"params; lr {lr:.3g} = blr {cfg.blr:g} x {cfg.batch_size} / 256; {ctx.world} process(es) x "
+             f"{accum} micro-batch(es) of {cfg.micro_batch}; {steps_per_epoch} steps/epoch; {ctx.device}, {ctx.dtype}")
+    log.info(f"scfs: {cfg.model}, 2 x {cfg.input_size} px + {cfg.local_crops} x {cfg.local_size} px crops; "
+             f"feature search at stages {model.stages or 'none (plain DINO)'}")  # method-specific
+    arch = {"model": cfg.model, "input_size": cfg.input_size, "cifar_stem": cfg.cifar_stem}
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        stream = batches.epoch(epoch)
+        for it in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + it
+            common.set_lr(optimizer, lrs[step])
+            loss, stats = train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, step / total_steps, epoch)
+            log.step(step, epoch, lrs[step], loss, stats)
+        average_batchnorm_stats(model)  # method-specific
+        common.save_checkpoint(os.path.join(cfg.output_dir, "checkpoint.pth"), "scfs", model, optimizer,
+                               epoch + 1, cfg, scaler, encoders={"cnn": (model.teacher["encoder"], arch)})
+    log.close()
+    return model
+
+
+if __name__ == "__main__":
+    main(common.parse_config(Config))
