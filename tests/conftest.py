@@ -42,9 +42,21 @@ def image_root(tmp_path_factory):
     return root
 
 
-def tiny_args(data_path, output_dir, *extra):
-    """A run small enough for a CPU test: ViT-Tiny/4 at 32 px, 1-block decoders, batches of 8."""
-    return ["--preset", "cifar10", "--data_path", str(data_path), "--output_dir", str(output_dir),
-            "--decoder_dim", "32", "--decoder_depth", "1", "--decoder_heads", "2", "--epochs", "2",
-            "--warmup_epochs", "1", "--batch_size", "8", "--micro_batch", "4", "--num_workers", "0",
+# The method-specific part of a tiny run (everything else is shared): small heads, towers and decoders.
+TINY = {
+    "hpm": ["--decoder_dim", "32", "--decoder_depth", "1", "--decoder_heads", "2"],
+    "droppos": ["--decoder_dim", "32", "--decoder_depth", "1", "--decoder_heads", "2"],
+    "semaim": ["--query_depth", "2"],
+    "mokd": ["--out_dim", "64", "--hidden_dim", "32", "--bottleneck_dim", "16", "--thead_depth", "1",
+             "--local_crops", "2"],
+    "scfs": ["--out_dim", "256", "--hidden_dim", "64", "--stage_hidden", "32", "--stage_bottleneck", "16",
+             "--local_crops", "2"],
+}
+
+
+def tiny_args(data_path, output_dir, *extra, method="hpm"):
+    """A run small enough for a CPU test: the method's cifar10 preset (ViT-Tiny/4 or a CIFAR-stem ResNet at
+    32 px) with 1-block decoders or small heads, 2 epochs of 3 steps, batches of 8."""
+    return ["--preset", "cifar10", "--data_path", str(data_path), "--output_dir", str(output_dir), *TINY[method],
+            "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "8", "--micro_batch", "4", "--num_workers", "0",
             "--log_every", "1", *extra]

@@ -12,6 +12,9 @@ import common
 import droppos
 import eval_linear
 import hpm
+import mokd
+import scfs
+import semaim
 from conftest import ROOT, make_image_folder, tiny_args
 
 
@@ -29,16 +32,20 @@ def free_port():
         return s.getsockname()[1]
 
 
-METHODS = {"hpm": hpm, "droppos": droppos}
+METHODS = {"hpm": hpm, "droppos": droppos, "semaim": semaim, "mokd": mokd, "scfs": scfs}
 DIAGNOSTICS = {"hpm": {"loss_rec", "loss_pred", "rank_corr", "hard_ratio"},
-               "droppos": {"acc_dropped", "grid_err", "acc_within1", "sigma"}}
+               "droppos": {"acc_dropped", "grid_err", "acc_within1", "sigma"},
+               "semaim": {"centre_dist", "centre_border"},
+               "mokd": {"loss_sm_cnn", "loss_st_cnn", "loss_cm_cnn", "loss_ct_cnn", "loss_sm_vit", "loss_st_vit",
+                        "loss_cm_vit", "loss_ct_vit", "teacher_temp_cnn", "teacher_temp_vit"},
+               "scfs": {"loss_dino", "loss_stage_global", "loss_search", "search_sim", "teacher_temp"}}
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_torchrun_two_processes_keep_identical_weights(method, image_root, tmp_path):
     """2 processes on CPU (gloo): after training, every weight (teachers too) is identical on both ranks."""
     out = tmp_path / "ddp"
-    args = tiny_args(image_root / "train", out)
+    args = tiny_args(image_root / "train", out, method=method)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", os.path.join(ROOT, "tests", "ddp_run.py"),
            method, *args]
@@ -51,7 +58,8 @@ def test_torchrun_two_processes_keep_identical_weights(method, image_root, tmp_p
         assert torch.equal(s0[k], s1[k]), k
     common.seed_all(0)  # rank 0's seed: the same initial weights as the run
     init = METHODS[method].build(common.parse_config(METHODS[method].Config, args)).state_dict()
-    assert all(not torch.equal(init[k], s0[k]) for k in init if k.endswith("blocks.0.attn.qkv.weight"))  # trained
+    first_layers = [k for k in init if k.endswith(("blocks.0.attn.qkv.weight", "layer1.0.conv1.weight"))]
+    assert first_layers and all(not torch.equal(init[k], s0[k]) for k in first_layers)  # trained
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in log] == list(range(6))  # 24 images / (2 ranks x 4) = 3 steps x 2 epochs
     assert DIAGNOSTICS[method] | {"loss", "lr", "img_per_s", "peak_mem_gib", "grad_norm"} <= set(log[0])
@@ -62,7 +70,10 @@ def test_resume_is_bitwise_identical(method, image_root, tmp_path, monkeypatch):
     """2 epochs straight == 1 epoch, crash, automatic resume, 1 epoch: identical weights and optimizer;
     the checkpoint holds the encoder at the top level under timm's names, which eval_linear loads."""
     module = METHODS[method]
-    model = module.main(common.parse_config(module.Config, tiny_args(image_root / "train", tmp_path / "a")))
+    def args(out):
+        return common.parse_config(module.Config, tiny_args(image_root / "train", tmp_path / out, method=method))
+
+    model = module.main(args("a"))
 
     save = common.save_checkpoint
 
@@ -72,10 +83,10 @@ def test_resume_is_bitwise_identical(method, image_root, tmp_path, monkeypatch):
 
     monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        module.main(common.parse_config(module.Config, tiny_args(image_root / "train", tmp_path / "b")))
+        module.main(args("b"))
     assert common.load_checkpoint(str(tmp_path / "b" / "checkpoint.pth"), method)["epoch"] == 1
     monkeypatch.undo()
-    module.main(common.parse_config(module.Config, tiny_args(image_root / "train", tmp_path / "b")))
+    module.main(args("b"))
 
     a, b = (common.load_checkpoint(str(tmp_path / d / "checkpoint.pth"), method) for d in "ab")
     assert a["epoch"] == b["epoch"] == 2
@@ -87,10 +98,20 @@ def test_resume_is_bitwise_identical(method, image_root, tmp_path, monkeypatch):
     log_b = [json.loads(line)["step"] for line in open(tmp_path / "b" / "log.jsonl")]
     assert log_b == list(range(6))  # 3 steps x 2 epochs: none skipped or repeated on resume
 
-    assert not any(k.startswith(("module.", "_orig_mod.", "encoder.")) for k in a["model"])
-    encoder, _, _ = eval_linear.load_encoder(str(tmp_path / "a" / "checkpoint.pth"))
-    for k, v in model.encoder.state_dict().items():
-        assert torch.equal(a["model"][k], v) and torch.equal(encoder.state_dict()[k], v), k
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in a["model"])
+    path, state = str(tmp_path / "a" / "checkpoint.pth"), model.state_dict()
+    if "encoders" not in a:  # MAE-style: the encoder at the top level under timm's names
+        assert not any(k.startswith("encoder.") for k in a["model"])
+        stored = {"": {k: a["model"][k] for k in model.encoder.state_dict()}}
+    else:  # DINO-style: the teacher encoder(s) under torchvision / timm names, one entry each
+        stored = {name: e["state"] for name, e in a["encoders"].items()}
+    for name, weights in stored.items():
+        encoder, _, _ = eval_linear.load_encoder(path, name)
+        assert encoder.state_dict().keys() == weights.keys()
+        first = next(iter(weights))  # where in the model this encoder lives, e.g. "teacher_cnn.backbone."
+        prefix = next(k[:-len(first)] for k in state if k.endswith(first) and torch.equal(state[k], weights[first]))
+        for k, v in weights.items():
+            assert torch.equal(state[prefix + k], v) and torch.equal(encoder.state_dict()[k], v), k
 
 
 def error_line(stderr):
