@@ -415,11 +415,13 @@ def resnet(name, cifar_stem=False):
         net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         net.maxpool = nn.Identity()
     net.fc = nn.Identity()
-    return net
+    return net.to(memory_format=torch.channels_last)  # see resnet_features
 
 
 def resnet_features(net, x, stages=(4,)):
     """(B, 3, H, W) -> post-ReLU maps of net.layer{k}, k in stages (no hooks); pooled feature = map4.mean((2, 3))."""
+    # channels-last (NHWC): oneDNN's CPU convolutions and batch norms run ~20 % faster on it than on NCHW
+    x = x.contiguous(memory_format=torch.channels_last)
     x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
     maps = []
     for k in range(1, max(stages) + 1):
@@ -533,6 +535,22 @@ def ema_update(teacher, student, momentum):
     t, s = list(teacher.parameters()), list(student.parameters())
     assert len(t) == len(s), "teacher and student differ in structure"
     torch._foreach_lerp_(t, s, 1.0 - momentum)
+
+
+def teacher_momentum(progress, base=0.996):
+    """DINO's EMA momentum at a point of training (progress in [0, 1]): 1 - (1 - m0)(1 + cos(pi progress)) / 2."""
+    return 1 - (1 - base) * (1 + math.cos(math.pi * progress)) / 2
+
+
+@torch.no_grad()
+def average_bn_stats(model):
+    """Average BatchNorm running statistics over processes before a checkpoint (no-op in one process). On CUDA
+    DINO-style methods use SyncBatchNorm (equal already); gloo on CPU has none, so each rank has its own."""
+    if distributed():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(all_reduce_mean(m.running_mean))
+                m.running_var.copy_(all_reduce_mean(m.running_var))
 
 
 def clip_per_tensor(parameters, max_norm):

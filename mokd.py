@@ -344,11 +344,6 @@ def set_schedules(optimizer, lr_cnn, lr_vit, wd_vit):
     vit.param_groups[0]["weight_decay"] = float(wd_vit)
 
 
-def teacher_momentum(progress, base):
-    """DINO's cosine 1 - (1 - m0)(1 + cos(pi it / T)) / 2 at it / T = progress (= cosine_schedule(m0, 1, T)[it])."""
-    return 1 - (1 - base) * (1 + math.cos(math.pi * progress)) / 2
-
-
 def synthetic_batch(cfg, device):
     """Random crops of the real multi-crop shapes, for bench.py."""
     g = [torch.randn(cfg.micro_batch, 3, cfg.input_size, cfg.input_size, device=device) for _ in range(2)]
@@ -377,7 +372,7 @@ def train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, progress,
         scaler.step(opt)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    model.update_teacher(teacher_momentum(progress, cfg.momentum_teacher))
+    model.update_teacher(common.teacher_momentum(progress, cfg.momentum_teacher))
     return loss, stats
 
 
@@ -387,16 +382,6 @@ def encoders(model, cfg):
                                                   "cifar_stem": cfg.cifar_stem}),
             "vit": (model.teacher_vit.backbone, {"model": cfg.model, "input_size": cfg.input_size,
                                                   "patch_size": cfg.patch_size})}
-
-
-@torch.no_grad()
-def average_bn_statistics(model):
-    """Plain BN on several processes keeps per-process running statistics: average them before a checkpoint
-    (SyncBN on CUDA keeps them equal already; a no-op in one process). NOTE(official): SyncBN everywhere;
-    gloo (CPU) has no SyncBN, so CPU runs use per-process batch statistics (spec 8 allows plain BN)."""
-    for name, buf in model.named_buffers():
-        if "running_" in name:
-            buf.copy_(common.all_reduce_mean(buf))
 
 
 def main(cfg):
@@ -436,7 +421,8 @@ def main(cfg):
             set_schedules(optimizer, lrs_cnn[step], lrs_vit[step], wds_vit[step])  # method-specific
             loss, stats = train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, step / total_steps, epoch)
             log.step(step, epoch, lrs_cnn[step], loss, stats)
-        average_bn_statistics(model)  # method-specific
+        # NOTE(official): SyncBN everywhere there; gloo (CPU) has none, so CPU ranks keep their own BN statistics
+        common.average_bn_stats(model)  # method-specific
         common.save_checkpoint(os.path.join(cfg.output_dir, "checkpoint.pth"), "mokd", model, optimizer,
                                epoch + 1, cfg, scaler, encoders=encoders(model, cfg))
     log.close()

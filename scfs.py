@@ -9,7 +9,6 @@ Shapes: B batch per crop, L local crops, V = 2 + L crops, C_k channels of stage 
 K out_dim of the DINO head, D out_dim of the stage heads.
 To reuse: copy this file and common.py."""
 import copy
-import math
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -154,6 +153,7 @@ class SCFS(nn.Module):
                                norm_last_layer=norm_last_layer)
         stage_heads = nn.ModuleList(StageHead(stage_channels(encoder, k), stage_bottleneck, stage_hidden,
                                               stage_dim) for k in self.stages)
+        stage_heads.to(memory_format=torch.channels_last)  # like the encoder's maps (common.resnet_features)
         self.student = nn.ModuleDict({"encoder": encoder, "head": head, "stage_heads": stage_heads})
         # Teacher: a copy, no gradients, updated by EMA of parameters only; it stays in train mode, so its
         # BatchNorms use batch statistics (spec 2).
@@ -214,11 +214,6 @@ class SCFS(nn.Module):
         common.ema_update(self.teacher, self.student, momentum)
 
 
-def teacher_momentum(progress, base=0.996):
-    """EMA momentum at a point of training: 1 - (1 - m0)(1 + cos(pi * progress)) / 2, 0.996 -> 1 (spec 3)."""
-    return 1 - (1 - base) * (1 + math.cos(math.pi * progress)) / 2
-
-
 # --- training -------------------------------------------------------------------------------------
 def build(cfg):
     """The model of a config (used by main, bench.py and the tests)."""
@@ -250,17 +245,6 @@ def lr_schedule(lr, min_lr, total_steps, warmup_steps):
     return lrs
 
 
-def average_batchnorm_stats(model):
-    """Make BatchNorm running statistics equal on all processes (mean), before a checkpoint. On CUDA the
-    BatchNorms are SyncBatchNorm (already equal); on CPU, where torch has no SyncBatchNorm, each process
-    normalised its own micro-batch. NOTE(official): official is GPU-only with SyncBatchNorm (spec 2)."""
-    if common.distributed():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                m.running_mean.copy_(common.all_reduce_mean(m.running_mean))
-                m.running_var.copy_(common.all_reduce_mean(m.running_var))
-
-
 def train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, progress, epoch):
     """One optimizer step over `accum` micro-batches from `stream` (also timed by bench.py)."""
     for micro in range(accum):
@@ -276,7 +260,7 @@ def train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, progress,
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    model.update_teacher(teacher_momentum(progress, cfg.momentum_teacher))  # method-specific
+    model.update_teacher(common.teacher_momentum(progress, cfg.momentum_teacher))  # method-specific
     return loss, stats
 
 
@@ -318,7 +302,8 @@ def main(cfg):
             common.set_lr(optimizer, lrs[step])
             loss, stats = train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, step / total_steps, epoch)
             log.step(step, epoch, lrs[step], loss, stats)
-        average_batchnorm_stats(model)  # method-specific
+        # NOTE(official): SyncBN everywhere there; gloo (CPU) has none, so CPU ranks keep their own BN statistics
+        common.average_bn_stats(model)  # method-specific
         common.save_checkpoint(os.path.join(cfg.output_dir, "checkpoint.pth"), "scfs", model, optimizer,
                                epoch + 1, cfg, scaler, encoders={"cnn": (model.teacher["encoder"], arch)})
     log.close()

@@ -236,7 +236,7 @@ def test_ema_update_is_exact_and_starts_from_the_student():
     bn_before = model.teacher_cnn.backbone.bn1.running_mean.clone()
     progress = 0.3
     run_step(model, cfg, epoch=3, progress=progress)
-    m = mokd.teacher_momentum(progress, 0.996)
+    m = common.teacher_momentum(progress, 0.996)
     for name, p in model.named_parameters():
         if name.startswith("teacher"):
             student = dict(model.named_parameters())[name.replace("teacher_", "", 1)]
@@ -249,7 +249,7 @@ def test_ema_update_is_exact_and_starts_from_the_student():
 def test_momentum_schedule():
     """§7.3: m(0) = .996, rising monotonically to 1 along DINO's cosine = cosine_schedule(.996, 1, T)[it]."""
     T = 50
-    ours = [mokd.teacher_momentum(it / T, 0.996) for it in range(T)]
+    ours = [common.teacher_momentum(it / T, 0.996) for it in range(T)]
     assert ours[0] == pytest.approx(0.996) and np.all(np.diff(ours) > 0)
     assert np.allclose(ours, common.cosine_schedule(0.996, 1.0, T), atol=1e-12)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import common
 import scfs
-from scfs import SCFS, StageHead, feature_search, lr_schedule, search_loss, teacher_momentum
+from scfs import SCFS, StageHead, feature_search, lr_schedule, search_loss
 
 B, L, G, S = 2, 8, 32, 16  # batch per crop, local crops, global and local crop sides
 V = 2 + L
@@ -93,9 +93,9 @@ def test_teacher_momentum_schedule():
     """§3: m = 1 - (1 - m0)(1 + cos(pi it / T)) / 2: 0.996 at the start, -> 1; common's per-step schedule."""
     T = 37
     ref = common.cosine_schedule(0.996, 1.0, T)
-    assert teacher_momentum(0.0) == pytest.approx(0.996) and teacher_momentum(1.0) == pytest.approx(1.0)
+    assert common.teacher_momentum(0.0) == pytest.approx(0.996) and common.teacher_momentum(1.0) == pytest.approx(1.0)
     for it in (0, 5, 20, 36):
-        assert teacher_momentum(it / T) == pytest.approx(ref[it], abs=1e-12)
+        assert common.teacher_momentum(it / T) == pytest.approx(ref[it], abs=1e-12)
 
 
 def test_query_is_stop_grad(monkeypatch):
