@@ -574,39 +574,6 @@ def cancel_last_layer(model, epoch, freeze_epochs):
                 p.grad = None
 
 
-class Optimizers:
-    """Several optimizers as one; state_dict() numbers parameters across them, shaped like one optimizer's."""
-    def __init__(self, *optimizers):
-        self.optimizers = list(optimizers)
-
-    param_groups = property(lambda self: [g for o in self.optimizers for g in o.param_groups])
-
-    def step(self):
-        [o.step() for o in self.optimizers]
-
-    def zero_grad(self, set_to_none=True):
-        [o.zero_grad(set_to_none=set_to_none) for o in self.optimizers]
-
-    def state_dict(self):
-        state, groups, offset = {}, [], 0
-        for o in self.optimizers:
-            sd = o.state_dict()
-            state.update({k + offset: v for k, v in sd["state"].items()})
-            groups += [{**g, "params": [i + offset for i in g["params"]]} for g in sd["param_groups"]]
-            offset += sum(len(g["params"]) for g in sd["param_groups"])
-        return {"state": state, "param_groups": groups}
-
-    def load_state_dict(self, state_dict):
-        offset, first = 0, 0
-        for o in self.optimizers:
-            groups = state_dict["param_groups"][first:first + len(o.param_groups)]
-            count = sum(len(g["params"]) for g in groups)
-            o.load_state_dict({
-                "state": {k - offset: v for k, v in state_dict["state"].items() if offset <= k < offset + count},
-                "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in groups]})
-            offset, first = offset + count, first + len(groups)
-
-
 # --- Checkpoints: output_dir/checkpoint.pth, written atomically; auto-resume -----------------------
 def rng_state():
     np_state = np.random.get_state()

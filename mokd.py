@@ -318,6 +318,39 @@ def build(cfg):
                 cfg.teacher_temp_epochs_vit, cfg.student_temp, cfg.center_momentum, cfg.epochs)
 
 
+class Optimizers:
+    """Several optimizers as one; state_dict() numbers parameters across them, shaped like one optimizer's."""
+    def __init__(self, *optimizers):
+        self.optimizers = list(optimizers)
+
+    param_groups = property(lambda self: [g for o in self.optimizers for g in o.param_groups])
+
+    def step(self):
+        [o.step() for o in self.optimizers]
+
+    def zero_grad(self, set_to_none=True):
+        [o.zero_grad(set_to_none=set_to_none) for o in self.optimizers]
+
+    def state_dict(self):
+        state, groups, offset = {}, [], 0
+        for o in self.optimizers:
+            sd = o.state_dict()
+            state.update({k + offset: v for k, v in sd["state"].items()})
+            groups += [{**g, "params": [i + offset for i in g["params"]]} for g in sd["param_groups"]]
+            offset += sum(len(g["params"]) for g in sd["param_groups"])
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict):
+        offset, first = 0, 0
+        for o in self.optimizers:
+            groups = state_dict["param_groups"][first:first + len(o.param_groups)]
+            count = sum(len(g["params"]) for g in groups)
+            o.load_state_dict({
+                "state": {k - offset: v for k, v in state_dict["state"].items() if offset <= k < offset + count},
+                "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in groups]})
+            offset, first = offset + count, first + len(groups)
+
+
 def make_optimizer(model, cfg):
     """SGD (momentum .9) for the CNN, AdamW (betas .9/.999) for the ViT, with the upstream groups (spec 3):
     CNN [matrices (wd), 1-D (no wd), T-Head (ViT lr and wd schedules, everything decayed)], ViT [matrices
@@ -330,7 +363,7 @@ def make_optimizer(model, cfg):
                            {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0},
                            {"params": thead, "weight_decay": cfg.weight_decay_vit}], lr=0.0, momentum=0.9)
     adamw = common.adamw(model.vit, 0.0, cfg.weight_decay_vit, betas=(0.9, 0.999))
-    return common.Optimizers(sgd, adamw)
+    return Optimizers(sgd, adamw)
 
 
 def set_schedules(optimizer, lr_cnn, lr_vit, wd_vit):

@@ -1,5 +1,6 @@
 """Invariant tests of mokd.py (specs/mokd.md §7): a tiny ResNet (one BasicBlock per stage, CIFAR stem)
 paired with a 1-block ViT at 32 px, 2 global + 2 local crops of 16 px, K = 64."""
+import copy
 import math
 
 import numpy as np
@@ -328,3 +329,36 @@ def test_build_preset_and_synthetic_batch():
     assert [tuple(x.shape) for x in batch] == [(B, 3, 32, 32)] * 2 + [(B, 3, 16, 16)] * N_LOCAL
     with pytest.raises(ValueError):
         model([batch[0], batch[1]], 0.0)
+
+
+# --- Two optimizers saved as one ----------------------------------------------------------
+def two_optimizers(seed=0):
+    torch.manual_seed(seed)
+    a, b = nn.Linear(3, 2), nn.Linear(2, 2)
+    opt = mokd.Optimizers(torch.optim.SGD([{"params": [a.weight]}, {"params": [a.bias]}], lr=0.1, momentum=0.9),
+                            torch.optim.AdamW(b.parameters(), lr=0.01))
+    return a, b, opt
+
+
+def step(a, b, opt):
+    opt.zero_grad()
+    (a(torch.ones(1, 3)).sum() + b(torch.ones(1, 2)).pow(2).sum()).backward()
+    opt.step()
+
+
+def test_optimizers_state_dict_round_trip():
+    """One state dict shaped like a single optimizer's (params numbered 0..3 across both); loading it into
+    fresh optimizers and stepping gives the same weights as never stopping."""
+    a, b, opt = two_optimizers()
+    step(a, b, opt)
+    sd = copy.deepcopy(opt.state_dict())  # as torch.save would: no tensors shared with opt
+    assert sorted(sd["state"]) == [0, 1, 2, 3] and [g["params"] for g in sd["param_groups"]] == [[0], [1], [2, 3]]
+    a2, b2, opt2 = two_optimizers()
+    a2.load_state_dict(a.state_dict())
+    b2.load_state_dict(b.state_dict())
+    opt2.load_state_dict(sd)
+    step(a, b, opt)
+    step(a2, b2, opt2)
+    for x, y in zip([*a.parameters(), *b.parameters()], [*a2.parameters(), *b2.parameters()]):
+        assert torch.equal(x, y)
+    assert len(opt.param_groups) == 3
