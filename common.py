@@ -192,14 +192,6 @@ def patchify(imgs, p):
     return torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
 
 
-def unpatchify(x, p):
-    """(B, N, p*p*3) -> (B, 3, H, W), the inverse of patchify for a square grid."""
-    B, N, _ = x.shape
-    g = int(round(math.sqrt(N)))
-    x = x.reshape(B, g, g, p, p, 3)
-    return torch.einsum("bhwpqc->bchpwq", x).reshape(B, 3, g * p, g * p)
-
-
 def gather_tokens(x, ids):
     """x: (B, N, D), ids: (B, K) -> (B, K, D), the rows of x at ids."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

@@ -303,7 +303,7 @@ def main(cfg):
             loss, stats = train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, step / total_steps, epoch)
             log.step(step, epoch, lrs[step], loss, stats)
         # NOTE(official): SyncBN everywhere there; gloo (CPU) has none, so CPU ranks keep their own BN statistics
-        common.average_bn_stats(model)  # method-specific
+        common.average_bn_stats(model)
         common.save_checkpoint(os.path.join(cfg.output_dir, "checkpoint.pth"), "scfs", model, optimizer,
                                epoch + 1, cfg, scaler, encoders={"cnn": (model.teacher["encoder"], arch)})
     log.close()

@@ -11,6 +11,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def unpatchify(x, p):
+    """(B, N, p*p*3) -> (B, 3, H, W): the inverse of common.patchify on a square grid (tests only)."""
+    B, N, _ = x.shape
+    g = int(round(N ** 0.5))
+    return torch.einsum("bhwpqc->bchpwq", x.reshape(B, g, g, p, p, 3)).reshape(B, 3, g * p, g * p)
+
+
 def make_image_folder(root, classes=2, per_class=12, size=32, seed=0):
     """root/c{k}/{i}.jpg: random smooth-ish images, a different mean colour per class."""
     rng = np.random.default_rng(seed)

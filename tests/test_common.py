@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+from conftest import unpatchify
 import hpm
 
 
@@ -108,14 +109,14 @@ def test_attention_bool_mask_true_means_may_attend():
 
 # --- patches --------------------------------------------------------------------------------------
 def test_patchify_unpatchify_round_trip():
-    """§3.6: unpatchify inverts patchify exactly (and vice versa) for a square grid."""
+    """§3.6: patchify is exactly inverted by MAE's unpatchify layout (and vice versa) for a square grid."""
     torch.manual_seed(0)
     imgs = torch.randn(2, 3, 32, 32)
     patches = common.patchify(imgs, 4)
     assert patches.shape == (2, 64, 48)
-    assert torch.equal(common.unpatchify(patches, 4), imgs)
+    assert torch.equal(unpatchify(patches, 4), imgs)
     other = torch.randn(2, 64, 48)
-    assert torch.equal(common.patchify(common.unpatchify(other, 4), 4), other)
+    assert torch.equal(common.patchify(unpatchify(other, 4), 4), other)
 
 
 def test_patchify_layout_is_raster_patches_of_row_col_channel():

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+from conftest import unpatchify
 import semaim
 from common import patchify
 from semaim import SemAIM, gaussian_kernel, order_masks, order_ranks, order_scores, order_stats, pixel_targets
@@ -203,7 +204,7 @@ def test_causality_prediction_k_ignores_patch_k_and_later():
     y = patchify(x, PATCH)
     at_k = (rank == k).nonzero()[:, 1]  # (2,) the patch at position k of each image
     y[torch.arange(2), at_k] += torch.randn(2, P)
-    x2 = common.unpatchify(y, PATCH)
+    x2 = unpatchify(y, PATCH)
     with torch.no_grad():
         a, b = model.predict(x, rank), model.predict(x2, rank)
     pos = rank  # (B, N): order position of each output
