@@ -28,23 +28,23 @@ class Config:
     model: str = "vit_base"  # encoder: vit_tiny, vit_small, vit_base, vit_large (paper: ViT-B/16, ViT-L/16)
     input_size: int = 224  # image side in pixels
     patch_size: int = 16  # patch side; the grid is input_size // patch_size
-    drop_path: float = 0.0  # stochastic depth of the encoder (spec 5: 0 in pretraining)
-    decoder_dim: int = 512  # width of both decoder towers (spec 2: 512)
-    decoder_depth: int = 8  # blocks in each tower; the predictor is as deep as the decoder (spec 2: 8)
-    decoder_heads: int = 16  # attention heads in the towers (spec 2: 16)
-    mask_ratio: float = 0.75  # share of masked patches (spec 5: 0.75, 49 of 196 visible)
+    drop_path: float = 0.0  # stochastic depth of the encoder (official models_mae_learn_loss.py: none)
+    decoder_dim: int = 512  # width of both decoder towers (official models_mae_learn_loss.py: 512)
+    decoder_depth: int = 8  # blocks in each tower; the predictor is as deep as the decoder (official: 8)
+    decoder_heads: int = 16  # attention heads in the towers (official models_mae_learn_loss.py: 16)
+    mask_ratio: float = 0.75  # share of masked patches (PRETRAIN.md: 0.75, 49 of 196 visible)
     norm_pix_loss: bool = False  # per-patch normalised pixel targets (released commands: off; MAE: on)
     learning_loss: bool = True  # loss predictor + hard patches mining; --no-learning_loss is plain MAE
-    relative: bool = True  # pairwise ranking loss (spec 3.7); --no-relative: z-scored MSE ablation
-    hard_ratio_max: float = 0.5  # alpha_T, the final share of hard patches among masked ones (spec 3.4)
+    relative: bool = True  # pairwise ranking loss (PRETRAIN.md: --relative); --no-relative: z-scored MSE ablation
+    hard_ratio_max: float = 0.5  # alpha_T, the final share of hard patches among masked ones (official generate_mask)
     epochs: int = 200  # pretraining epochs (PRETRAIN.md: 200; scripts: 800)
-    warmup_epochs: int = 40  # linear lr warmup (spec 5)
+    warmup_epochs: int = 40  # linear lr warmup (PRETRAIN.md)
     batch_size: int = 2048  # global batch, the paper's number (PRETRAIN.md: 32 x 8 GPUs x 8 accumulation)
     micro_batch: int = 64  # per-device batch; gradient accumulation makes up batch_size (speed/memory only)
-    blr: float = 1.5e-4  # base lr; lr = blr * batch_size / 256 (spec 5)
-    min_lr: float = 0.0  # end of the cosine decay (spec 5)
-    weight_decay: float = 0.05  # AdamW, betas (0.9, 0.95); no decay on biases and norms (spec 5)
-    clip_grad: float = 5.0  # global grad-norm clip, on by default in the official loss scaler (spec 3.8)
+    blr: float = 1.5e-4  # base lr; lr = blr * batch_size / 256 (PRETRAIN.md, upstream main_pretrain.py)
+    min_lr: float = 0.0  # end of the cosine decay (upstream main_pretrain.py)
+    weight_decay: float = 0.05  # AdamW, betas (0.9, 0.95); no decay on biases and norms (upstream main_pretrain.py)
+    clip_grad: float = 5.0  # global grad-norm clip, on by default in the official loss scaler (util/misc.py)
     num_workers: int = 10  # data loader processes per device
     seed: int = 0  # each process uses seed + rank
     device: str = "auto"  # auto (cuda if available), cuda or cpu
@@ -63,7 +63,7 @@ class Config:
 
 # --- method ---------------------------------------------------------------------------------------
 def mask_order(batch, num_patches, device, scores=None, num_hard=0):
-    """Per-image patch order whose first K entries are the visible patches (spec 3.4). The num_hard
+    """Per-image patch order whose first K entries are the visible patches (official generate_mask). The num_hard
     highest-scoring patches are always masked; of the remaining N - num_hard, a uniformly random set of
     K stays visible (the official per-image numpy loop, vectorised: same distribution). num_hard = 0
     is MAE's uniform random mask. scores: (B, N) teacher difficulty. -> ids (B, N)."""
@@ -80,13 +80,13 @@ def order_to_mask(ids, num_visible):
 
 
 def hard_count(num_masked, epoch, epochs, alpha_max=0.5):
-    """n_hard = floor(M * alpha), alpha = alpha_max * (e + 1) / T, constant within an epoch (spec 3.4;
-    same float expression as the official code, so the floor lands on the same integers)."""
+    """n_hard = floor(M * alpha), alpha = alpha_max * (e + 1) / T, constant within an epoch (same float
+    expression as the official generate_mask in models_mae_learn_loss.py, so the floor lands on the same integers)."""
     return int(num_masked * (float((epoch + 1) / epochs) * alpha_max))
 
 
 def ema_momentum(epoch):
-    """Teacher momentum, set per epoch: 0.999 rising linearly to 0.9999 at epoch 100 (spec 2)."""
+    """Teacher momentum, set per epoch: 0.999 rising linearly to 0.9999 at epoch 100 (official engine_pretrain.py)."""
     return 0.999 + epoch / 100 * (0.9999 - 0.999) if epoch < 100 else 0.9999
 
 
@@ -99,10 +99,10 @@ def reconstruction_loss(recon, target, norm_pix):
 
 
 def ranking_loss(pred, target):
-    """Relative loss (spec 3.7): for every ordered pair (i, j) of masked patches of one image with
+    """Relative loss (as upstream): for every ordered pair (i, j) of masked patches of one image with
     target_i != target_j, binary cross-entropy of sigmoid(pred_j - pred_i) against [target_j > target_i];
     mean over all valid pairs of the batch, ties excluded. -log sigmoid(s*d) = softplus(-s*d).
-    NOTE(official): the official code adds 1e-6 inside each log (allowed simplification, spec 9).
+    NOTE(official): the official models_mae_learn_loss.py adds 1e-6 inside each log; dropped here (negligible).
     pred, target: (B, M); target must be detached."""
     pred, target = pred.float(), target.float()
     diff = pred.unsqueeze(1) - pred.unsqueeze(2)  # (B, M, M): [b, i, j] = pred_j - pred_i
@@ -112,7 +112,7 @@ def ranking_loss(pred, target):
 
 
 def absolute_loss(pred, target):
-    """Absolute ablation (spec 3): MSE to the per-image z-scored target (unbiased var, +1e-6)."""
+    """Absolute ablation (official relative=False): MSE to the per-image z-scored target (unbiased var, +1e-6)."""
     target = target.float()
     z = (target - target.mean(1, keepdim=True)) / (target.var(1, keepdim=True) + 1e-6).sqrt()
     return (pred.float() - z).pow(2).mean()
@@ -141,7 +141,7 @@ class Tower(nn.Module):
 
 
 def predicted_loss(tower, features):
-    """The loss predictor's score per token: the mean of its P head outputs (spec 2, invariant 14),
+    """The loss predictor's score per token: the mean of its P head outputs (as the official code does),
     computed with the mean head row (same value and gradients, no (B, T, P) tensor). -> (B, T)"""
     w, b = tower.head.weight, tower.head.bias
     return F.linear(features, w.mean(0, keepdim=True), b.mean(0, keepdim=True)).squeeze(-1)
@@ -160,7 +160,7 @@ class HPM(nn.Module):
         self.norm_pix_loss, self.relative, self.hard_ratio_max, self.epochs = (
             norm_pix_loss, relative, hard_ratio_max, epochs)
         out_dim = encoder.patch_size ** 2 * 3
-        # Decoder stem shared by both towers: embedding, mask token, fixed sin-cos positions (spec 2).
+        # Decoder stem shared by both towers: embedding, mask token, fixed sin-cos positions (as upstream).
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.register_buffer("decoder_pos_embed", common.sincos_pos_embed(decoder_dim, encoder.grid)[None])
@@ -171,7 +171,7 @@ class HPM(nn.Module):
         self.teacher = None
         if learning_loss:
             # EMA teacher: only what mask generation reads. NOTE(official): the official EMA copies the
-            # whole model and runs the reconstruction tower too, then discards its output (spec 9).
+            # whole model and runs the reconstruction tower too, then discards its output (engine_pretrain.py).
             parts = nn.ModuleDict({"encoder": encoder, "decoder_embed": self.decoder_embed,
                                    "predictor": self.predictor})
             self.teacher = copy.deepcopy(parts).requires_grad_(False)
@@ -220,13 +220,13 @@ class HPM(nn.Module):
         stats = {"loss_rec": loss_rec.detach()}
         if self.predictor is None:
             return loss_rec, stats
-        # The predictor sees the same, non-detached tokens: its loss also trains the encoder (spec 2).
+        # The predictor sees the same, non-detached tokens: its loss also trains the encoder (as upstream).
         pred = predicted_loss(self.predictor, self.predictor.features(tokens))[:, 1 + K:]  # (B, M)
-        target_loss = patch_loss.detach()  # ranking targets carry no gradient (spec 2a)
+        target_loss = patch_loss.detach()  # ranking targets carry no gradient (as upstream)
         loss_pred = ranking_loss(pred, target_loss) if self.relative else absolute_loss(pred, target_loss)
         stats.update(loss_pred=loss_pred.detach(), rank_corr=rank_correlation(pred, target_loss),
                      hard_ratio=torch.full((), num_hard / self.num_masked, device=imgs.device))
-        return loss_rec + loss_pred, stats  # weight 1 (spec 3.8)
+        return loss_rec + loss_pred, stats  # weight 1, as upstream
 
     def _ema_pairs(self):
         pairs = [(self.teacher[name], module) for name, module in
@@ -241,7 +241,7 @@ class HPM(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum):
-        """teacher <- m * teacher + (1 - m) * student, after every optimizer step (spec 2)."""
+        """teacher <- m * teacher + (1 - m) * student, after every optimizer step (official engine_pretrain.py)."""
         if self.teacher is None:
             return
         teacher, student = self._ema_pairs()
