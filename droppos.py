@@ -28,24 +28,24 @@ class Config:
     model: str = "vit_base"  # encoder: vit_tiny, vit_small, vit_base, vit_large (paper: ViT-B/16, ViT-L/16)
     input_size: int = 224  # image side in pixels
     patch_size: int = 16  # patch side; the grid is input_size // patch_size
-    drop_path: float = 0.0  # stochastic depth of the encoder (spec 9: keep 0; it would make the similarity pass random)
-    decoder_dim: int = 512  # width of the position decoder (spec 2: 512)
-    decoder_depth: int = 2  # blocks in the position decoder (spec 2: the scripts' dec512d2b)
-    decoder_heads: int = 16  # attention heads in the decoder (spec 2: 16)
-    mask_ratio: float = 0.75  # gamma, share of masked patches (spec 3: 0.75, 49 of 196 visible)
-    pos_mask_ratio: float = 0.75  # rho, share of visible patches whose PE is dropped (spec 3: 0.75, 37 of 49)
-    sigma: float = 1.0  # sigma0 of position smoothing (upstream --label_smoothing_sigma; scripts: 1; spec 3.9)
-    sigma_decay: bool = True  # sigma = sigma0 * (1 - epoch / epochs), set per epoch (scripts: on; spec 3.9)
-    attn_guide: bool = True  # attentive reconstruction: weight tokens by cls similarity (scripts: on; spec 3.6)
-    official_smoothing: bool = False  # upstream's map as released: column-normalised, patch_size grid (spec 6.1, 6.12)
+    drop_path: float = 0.0  # stochastic depth of the encoder (keep 0: it would make the similarity pass random)
+    decoder_dim: int = 512  # width of the position decoder (official models_DropPos_mae.py: 512)
+    decoder_depth: int = 2  # blocks in the position decoder (the released scripts' dec512d2b)
+    decoder_heads: int = 16  # attention heads in the decoder (official models_DropPos_mae.py: 16)
+    mask_ratio: float = 0.75  # gamma, share of masked patches (scripts: 0.75, 49 of 196 visible)
+    pos_mask_ratio: float = 0.75  # rho, share of visible patches whose PE is dropped (scripts: 0.75, 37 of 49)
+    sigma: float = 1.0  # sigma0 of position smoothing (upstream --label_smoothing_sigma; scripts: 1)
+    sigma_decay: bool = True  # sigma = sigma0 * (1 - epoch / epochs), set per epoch (scripts: on; engine_pretrain.py)
+    attn_guide: bool = True  # attentive reconstruction: weight tokens by cls similarity (scripts: on)
+    official_smoothing: bool = False  # map as released in engine_pretrain.py: column-normalised, patch_size grid
     epochs: int = 800  # pretraining epochs (scripts: 800; the paper also reports 200)
-    warmup_epochs: int = 10  # linear lr warmup (spec 4: 10 for ViT-B, 40 for ViT-L)
-    batch_size: int = 4096  # global batch (spec 4: the paper's 64 GPUs x 64)
+    warmup_epochs: int = 10  # linear lr warmup (scripts: 10 for ViT-B, 40 for ViT-L)
+    batch_size: int = 4096  # global batch: the paper's 64 GPUs x the scripts' 64 per GPU
     micro_batch: int = 64  # per-device batch; gradient accumulation makes up batch_size (speed/memory only)
-    blr: float = 1.5e-4  # base lr; lr = blr * batch_size / 256 (spec 4)
-    min_lr: float = 0.0  # end of the cosine decay (spec 4)
-    weight_decay: float = 0.05  # AdamW, betas (0.9, 0.95); no decay on biases and norms (spec 4)
-    clip_grad: float = 5.0  # clip each parameter's gradient norm on its own, DINO-style (spec 3.12); 0: off
+    blr: float = 1.5e-4  # base lr; lr = blr * batch_size / 256 (scripts, upstream main_pretrain.py)
+    min_lr: float = 0.0  # end of the cosine decay (upstream main_pretrain.py)
+    weight_decay: float = 0.05  # AdamW, betas (0.9, 0.95); no decay on biases and norms (upstream main_pretrain.py)
+    clip_grad: float = 5.0  # clip each parameter's gradient norm on its own, DINO-style (upstream utils.py); 0: off
     num_workers: int = 10  # data loader processes per device
     seed: int = 0  # each process uses seed + rank
     device: str = "auto"  # auto (cuda if available), cuda or cpu
@@ -56,7 +56,7 @@ class Config:
 
     presets: ClassVar[dict] = {
         # ViT-Tiny/4 at 32 px (8 x 8 grid: 16 visible, 4 keep their PE, 12 dropped), every ratio, sigma0
-        # and tau as the paper (spec 4, small-scale setting).
+        # and tau as upstream (the small-scale setting itself is our choice).
         "cifar10": dict(model="vit_tiny", input_size=32, patch_size=4, decoder_dim=128, decoder_depth=2,
                         decoder_heads=4, epochs=100, warmup_epochs=10, batch_size=512, micro_batch=256,
                         num_workers=8, output_dir="./output_droppos_cifar10"),
@@ -65,7 +65,7 @@ class Config:
 
 # --- method ---------------------------------------------------------------------------------------
 def random_masks(batch, num_patches, num_visible, num_keep_pos, device):
-    """Patch mask, then PE drop (spec 3.3-3.4), each from its own uniform noise and argsort.
+    """Patch mask, then PE drop (as upstream models_DropPos_mae.py), each from its own uniform noise and argsort.
     -> ids_keep (B, K): the visible patches' row-major indices, in a random order that carries no
     position; drop (B, K) bool: True where the token's PE is replaced by the mask token (K - num_keep_pos
     per image, a uniformly random subset of the visible tokens, independent of the patch mask)."""
@@ -78,12 +78,12 @@ def random_masks(batch, num_patches, num_visible, num_keep_pos, device):
 def smoothing_map(grid, sigma, device=None, map_grid=0, column_norm=False):
     """Soft position targets S (N, N), N = grid**2: row i is the target of a token whose true cell is i.
     W[i, j] = exp(-((r_i - r_j)^2 + (c_i - c_j)^2) / sigma^2) with cell i = (i // n, i % n) on an n x n
-    grid, n = map_grid or grid: the squared distance over sigma^2, as the official code (spec 3.8, 6.2).
+    grid, n = map_grid or grid: the squared distance over sigma^2, as the official engine_pretrain.py.
     Each row is normalised to sum to 1, the paper's distribution w*. sigma = 0 is the identity.
     NOTE(official): upstream divides W by its row sums broadcast along the last axis, which normalises
-    the columns (W is symmetric); rows then sum to 0.886..1.110 at sigma = 1 (spec 6.1): column_norm=True.
+    the columns (W is symmetric); rows then sum to 0.886..1.110 at sigma = 1: column_norm=True.
     NOTE(official): upstream builds the map on an (input_size // G)-grid, 16 x 16 at 224/16, and uses its
-    first N rows and columns, so the smoothing mass lands on the wrong neighbours (spec 6.12): map_grid=16.
+    first N rows and columns, so the smoothing mass lands on the wrong neighbours (engine_pretrain.py): map_grid=16.
     With column_norm the sums run over the whole n*n map, as upstream's."""
     n, N = map_grid or grid, grid * grid
     if n < grid:
@@ -99,7 +99,7 @@ def smoothing_map(grid, sigma, device=None, map_grid=0, column_norm=False):
 
 
 def position_loss(logits, targets, weights):
-    """Soft-target cross-entropy per token, weighted mean over the batch (spec 3.10):
+    """Soft-target cross-entropy per token, weighted mean over the batch (as upstream):
     L = sum_bk w_bk CE_bk / sum_bk w_bk,  CE_bk = -sum_j targets_bkj log_softmax(logits_bk)_j.
     logits, targets (B, K, N); weights (B, K), zero for the tokens that kept their PE."""
     ce = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1)  # (B, K)
@@ -108,7 +108,7 @@ def position_loss(logits, targets, weights):
 
 @torch.no_grad()
 def position_metrics(logits, labels, drop, weights, grid):
-    """Diagnostics of the argmax cell on the PE-dropped tokens (spec 8), as detached scalars:
+    """Diagnostics of the argmax cell on the PE-dropped tokens, as detached scalars:
     acc_dropped (unweighted top-1), acc_weighted (upstream's acc1: weighted like the loss), grid_err
     (mean L2 distance in cells from the true cell), acc_within1 (argmax is the true cell or one of its 8
     neighbours). logits (B, K, N), labels (B, K) row-major cells, drop (B, K) bool, weights (B, K)."""
@@ -136,15 +136,15 @@ class DropPos(nn.Module):
         if self.num_keep_pos >= self.num_visible:
             raise ValueError(f"pos_mask_ratio {pos_mask_ratio} drops no position embedding; nothing to learn")
         self.sigma0, self.sigma_decay, self.attn_guide, self.epochs = sigma, sigma_decay, attn_guide, epochs
-        self.tau = tau  # temperature of the cls-similarity softmax, hard-coded upstream (spec 3.6)
+        self.tau = tau  # temperature of the cls-similarity softmax, hard-coded upstream (models_DropPos_mae.py)
         # Upstream as released: columns normalised, the map on an (input_size // G) = patch_size grid.
         self.column_norm = official_smoothing
         self.map_grid = encoder.patch_size if official_smoothing else encoder.grid
         if self.map_grid < encoder.grid:
             raise ValueError(f"official_smoothing needs patch_size >= grid ({encoder.patch_size} < {encoder.grid})")
-        # The one shared token added in place of a dropped PE (spec 2), same vector for every token and image.
+        # The one shared token added in place of a dropped PE (as upstream), same vector for every token and image.
         self.mask_pos_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
-        # Position decoder: visible tokens only, no position embedding at all (spec 2); upstream's names.
+        # Position decoder: visible tokens only, no position embedding at all (as upstream); upstream's names.
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
         self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
@@ -153,8 +153,8 @@ class DropPos(nn.Module):
         nn.init.normal_(self.mask_pos_token, std=0.02)
 
     def sigma(self, progress):
-        """sigma_e = sigma0 * (1 - e / E), constant within epoch e (spec 3.9; same float expression as the
-        official code). Never 0 while training: the last epoch has sigma0 / E."""
+        """sigma_e = sigma0 * (1 - e / E), constant within epoch e (same float expression as the
+        official engine_pretrain.py). Never 0 while training: the last epoch has sigma0 / E."""
         if not self.sigma_decay:
             return self.sigma0
         epoch = min(int(progress * self.epochs + 1e-6), self.epochs - 1)
@@ -162,7 +162,7 @@ class DropPos(nn.Module):
 
     @torch.no_grad()
     def attention_weights(self, imgs, ids_keep):
-        """Attentive reconstruction (spec 3.6): the current encoder on the full image with all true PEs,
+        """Attentive reconstruction (as upstream): the current encoder on the full image with all true PEs,
         a_j = softmax_j(cos(z_cls, z_j) / tau) over all N patches, gathered at the visible tokens and
         renormalised to sum to 1 per image. No gradient. -> (B, K)"""
         z = self.encoder(imgs).float()  # (B, 1 + N, D), after the final norm
@@ -172,12 +172,12 @@ class DropPos(nn.Module):
 
     def position_logits(self, imgs, ids_keep, drop):
         """Encoder on [CLS] + the K visible tokens, K_keep of them with their true PE and the others with
-        mask_pos_token (spec 3.2-3.7); decoder without PE. -> logits (B, K, N) in the order of ids_keep."""
+        mask_pos_token (as upstream); decoder without PE. -> logits (B, K, N) in the order of ids_keep."""
         enc = self.encoder
         x = gather_tokens(enc.patch_embed(imgs), ids_keep)  # (B, K, D), no PE yet
         pos = enc.pos_embed[0, 1:][ids_keep]  # (B, K, D); the table has requires_grad=False: no gradient
         # NOTE(official): upstream concatenates a [B, B*K_drop, D] block of mask tokens (sized with .item()
-        # over the whole batch) and gathers it back into place; a `where` is the same sum (spec 6.4).
+        # over the whole batch) and gathers it back into place; a `where` is the same sum (models_DropPos_mae.py).
         x = x + torch.where(drop.unsqueeze(-1), self.mask_pos_token, pos)
         latent = enc.forward_tokens(x)  # (B, 1 + K, D): [CLS] + PE row 0 (zeros) prepended, final norm
         h = self.decoder_embed(latent)  # (B, 1 + K, Dd)
@@ -189,12 +189,12 @@ class DropPos(nn.Module):
         B, grid = imgs.shape[0], self.encoder.grid
         ids_keep, drop = random_masks(B, self.encoder.num_patches, self.num_visible, self.num_keep_pos,
                                       imgs.device)
-        weights = drop.float()  # (B, K): the loss is on PE-dropped tokens only (spec 3.10)
+        weights = drop.float()  # (B, K): the loss is on PE-dropped tokens only (as upstream)
         if self.attn_guide:  # before the masked pass: its activations are freed before any are stored
             weights = weights * self.attention_weights(imgs, ids_keep)
         logits = self.position_logits(imgs, ids_keep, drop)  # (B, K, N)
         sigma = self.sigma(progress)
-        # Labels are the visible patches' own row-major indices (spec 3.8): target rows of the map.
+        # Labels are the visible patches' own row-major indices (as upstream): target rows of the map.
         targets = smoothing_map(grid, sigma, imgs.device, self.map_grid, self.column_norm)[ids_keep]  # (B, K, N)
         loss = position_loss(logits, targets, weights)
         stats = position_metrics(logits.detach(), ids_keep, drop, weights, grid)
