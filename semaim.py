@@ -28,23 +28,23 @@ class Config:
     data_path: str = ""  # ImageFolder of training images (one sub-folder per class), or the word cifar10
     data_root: str = "./data"  # where --data_path cifar10 is downloaded to
     output_dir: str = "./output_semaim"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
-    model: str = "vit_base"  # encoder = content stream: vit_tiny, vit_small, vit_base, vit_large (spec 2: aim_base)
+    model: str = "vit_base"  # encoder = content stream: vit_tiny, vit_small, vit_base, vit_large (README: aim_base)
     input_size: int = 224  # image side in pixels
     patch_size: int = 16  # patch side; the grid is input_size // patch_size
-    drop_path: float = 0.0  # stochastic depth of both streams (spec 6: 0 in pretraining)
-    query_depth: int = 12  # query-stream blocks, one after every depth // query_depth encoder blocks (spec 2: 12)
+    drop_path: float = 0.0  # stochastic depth of both streams (official models_semaim.py: 0 in pretraining)
+    query_depth: int = 12  # query-stream blocks, one after every depth // query_depth encoder blocks (README: 12)
     order: str = "semantic"  # semantic (SemAIM, upstream attention_center), stochastic (SAIM), raster (row-major)
-    blur_kernel: int = 9  # side of the Gaussian blur of the pixel targets; 0: no blur (spec 4: 9)
-    blur_sigma: float = 1.0  # its standard deviation in pixels (spec 4: 1)
-    norm_pix_loss: bool = True  # per-patch normalised targets, unbiased var + 1e-6 (spec 6: README command on)
-    epochs: int = 800  # pretraining epochs (spec 6: 800; 400 also reported)
-    warmup_epochs: int = 30  # linear lr warmup (spec 6)
-    batch_size: int = 2048  # global batch, the paper's number (spec 6: 32 GPUs x 64)
+    blur_kernel: int = 9  # side of the Gaussian blur of the pixel targets; 0: no blur (README: 9)
+    blur_sigma: float = 1.0  # its standard deviation in pixels (README: 1)
+    norm_pix_loss: bool = True  # per-patch normalised targets, unbiased var + 1e-6 (README command: on)
+    epochs: int = 800  # pretraining epochs (README: 800; 400 also reported)
+    warmup_epochs: int = 30  # linear lr warmup (README)
+    batch_size: int = 2048  # global batch, the paper's number (README: 32 GPUs x 64)
     micro_batch: int = 64  # per-device batch; gradient accumulation makes up batch_size (speed/memory only)
-    blr: float = 2e-4  # base lr; lr = blr * batch_size / 256 = 1.6e-3 (spec 6)
-    min_lr: float = 0.0  # end of the cosine decay (spec 6)
-    weight_decay: float = 0.05  # AdamW, betas (0.9, 0.95); no decay on biases and norms (spec 6)
-    clip_grad: float = 3.0  # global grad-norm clip (spec 6: README command 3.0)
+    blr: float = 2e-4  # base lr; lr = blr * batch_size / 256 = 1.6e-3 (README)
+    min_lr: float = 0.0  # end of the cosine decay (upstream main_pretrain.py)
+    weight_decay: float = 0.05  # AdamW, betas (0.9, 0.95); no decay on biases and norms (upstream main_pretrain.py)
+    clip_grad: float = 3.0  # global grad-norm clip (README command: 3.0)
     num_workers: int = 10  # data loader processes per device
     seed: int = 0  # each process uses seed + rank
     device: str = "auto"  # auto (cuda if available), cuda or cpu
@@ -67,11 +67,11 @@ ORDERS = ("semantic", "stochastic", "raster")
 
 
 def order_scores(kind, batch, grid, device, centre=None):
-    """Per-patch score, lower = predicted earlier (spec 3.2). semantic: squared grid distance to the centre
+    """Per-patch score, lower = predicted earlier (as upstream). semantic: squared grid distance to the centre
     (B,) plus U[0, 1): distances first, equidistant patches in uniformly random order; stochastic: U[0, 1)
     (SAIM); raster: the row-major index. -> (B, N) float64.
     NOTE(official): upstream scores sqrt(d^2) + 1e-3 U in fp32, where equidistant patches tie exactly in
-    ~14 % of images (spec 3.2); integer d^2 + U in float64 orders the same way and never ties. Its `raster`
+    ~14 % of images (measured on upstream); integer d^2 + U in float64 orders the same way and never ties. Its `raster`
     is a 14-column snake; ours is plain row-major (upstream `zigzag`) and fits any grid."""
     N = grid * grid
     if kind == "raster":
@@ -90,7 +90,7 @@ def order_ranks(scores):
 
 
 def order_masks(rank):
-    """Two-stream attention masks from ranks (spec 3.3), bool, True = may attend, (B, 1, T, T), T = 1 + N.
+    """Two-stream attention masks from ranks (as upstream), bool, True = may attend, (B, 1, T, T), T = 1 + N.
     content: patch i sees cls, itself and every earlier patch (k + 2 keys at order position k);
     query: cls and the strictly earlier patches (k + 1 keys). Both cls rows see cls only, and every row
     sees cls, so no row is empty. NOTE(official): upstream builds two fp32 additive -inf masks from the raw
@@ -103,15 +103,15 @@ def order_masks(rank):
 
 
 def gaussian_kernel(size, sigma):
-    """size x size Gaussian, centre (size - 1) / 2, normalised to sum 1 (spec 4; upstream GaussianConv2d)."""
+    """size x size Gaussian, centre (size - 1) / 2, normalised to sum 1 (upstream GaussianConv2d, util/blocks.py)."""
     x = torch.arange(size, dtype=torch.float64) - (size - 1) // 2
     k = torch.exp(-(x[:, None] ** 2 + x[None] ** 2) / (2 * sigma ** 2))
     return (k / k.sum()).float()
 
 
 def pixel_targets(imgs, patch_size, kernel=None, norm_pix=True):
-    """Blur each channel with zero padding (borders fade toward 0, as upstream; spec 8.9), patchify, and
-    normalise every patch by its mean and unbiased variance + 1e-6 (spec 4). (B, 3, H, W) -> (B, N, P) fp32."""
+    """Blur each channel with zero padding (borders fade toward 0, as upstream), patchify, and
+    normalise every patch by its mean and unbiased variance + 1e-6 (as upstream). (B, 3, H, W) -> (B, N, P) fp32."""
     imgs = imgs.float()
     if kernel is not None:
         imgs = F.conv2d(imgs, kernel.expand(3, 1, -1, -1), padding=kernel.shape[-1] // 2, groups=3)
@@ -123,7 +123,7 @@ def pixel_targets(imgs, patch_size, kernel=None, norm_pix=True):
 
 class CrossAttention(nn.Module):
     """Queries from the query stream, keys and values from the content stream of the same layer; three
-    separate D x D projections with bias, as upstream (so xavier init treats each on its own, spec 2)."""
+    separate D x D projections with bias, as upstream (so xavier init treats each on its own)."""
     def __init__(self, dim, num_heads):
         super().__init__()
         self.num_heads = num_heads
@@ -139,7 +139,7 @@ class CrossAttention(nn.Module):
 
 
 class QueryBlock(Block):
-    """Query-stream block (spec 2): g <- g + Proj(MHA(LN1(g), LN1(h))); g <- g + MLP(LN2(g)). The same LN1
+    """Query-stream block (as upstream): g <- g + Proj(MHA(LN1(g), LN1(h))); g <- g + MLP(LN2(g)). The same LN1
     normalises both streams; the stream never attends to itself. A Block subclass, so that
     common.compile_blocks compiles it too."""
     def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
@@ -164,12 +164,12 @@ class SemAIM(nn.Module):
         if not 0 < query_depth <= depth or depth % query_depth:
             raise ValueError(f"query_depth {query_depth} must divide the encoder depth {depth}")
         self.encoder, self.order, self.norm_pix_loss = encoder, order, norm_pix_loss
-        self.step = depth // query_depth  # a query block after every step-th encoder block (spec 2)
+        self.step = depth // query_depth  # a query block after every step-th encoder block (as upstream)
         D, heads = encoder.embed_dim, encoder.blocks[0].attn.num_heads
         rates = torch.linspace(0, drop_path, depth).tolist()[:query_depth]  # upstream's dpr[i] for query block i
         self.query_blocks = nn.ModuleList(QueryBlock(D, heads, drop_path=r) for r in rates)
         P = encoder.patch_size ** 2 * 3
-        # Head = Linear(D, 4D)-GELU-Linear(4D, P) (spec 2, MLP head), upstream's names.
+        # Head = Linear(D, 4D)-GELU-Linear(4D, P) (upstream's MLP head), upstream's names.
         self.prediction_head = nn.Sequential(OrderedDict(
             fc1=nn.Linear(D, 4 * D), act=nn.GELU(), fc2=nn.Linear(4 * D, P)))
         # NOTE(official): upstream saves the blur kernel in the checkpoint; here it is a non-persistent buffer.
@@ -180,7 +180,7 @@ class SemAIM(nn.Module):
     @torch.no_grad()
     def semantic_centre(self, imgs):
         """The current encoder on the full image, no mask, no gradient, eval mode (drop-path off), final norm;
-        the patch most cosine-similar to [CLS] (spec 3.1-3.2; the softmax upstream is irrelevant to the
+        the patch most cosine-similar to [CLS] (upstream's cls mode; the softmax upstream is irrelevant to the
         arg-max). NOTE(official): upstream runs this in fp32 outside autocast and runs the last block twice
         (once only to read attention maps that the cls mode never uses); here one plain pass in the step's
         precision (fp32 on CPU). -> (B,) row-major patch index"""
@@ -191,13 +191,13 @@ class SemAIM(nn.Module):
         return F.cosine_similarity(z[:, :1], z[:, 1:], dim=-1).argmax(dim=1)
 
     def ranks(self, imgs):
-        """Order position of every patch for this step, from the current weights (spec 5). -> (B, N)"""
+        """Order position of every patch for this step, from the current weights (as upstream). -> (B, N)"""
         centre = self.semantic_centre(imgs) if self.order == "semantic" else None
         scores = order_scores(self.order, imgs.shape[0], self.encoder.grid, imgs.device, centre)
         return order_ranks(scores)
 
     def predict(self, imgs, rank):
-        """Both streams under the masks of `rank`; tokens stay in raster order (spec 2). -> (B, N, P)"""
+        """Both streams under the masks of `rank`; tokens stay in raster order (as upstream). -> (B, N, P)"""
         enc = self.encoder
         allow_content, allow_query = order_masks(rank)  # (B, 1, T, T) each
         cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(imgs.shape[0], -1, -1)
@@ -205,21 +205,21 @@ class SemAIM(nn.Module):
         g = enc.pos_embed.expand(imgs.shape[0], -1, -1)  # (B, T, D) query stream: fixed positions only
         for i, block in enumerate(enc.blocks):
             h = block(h, allow_content)
-            if (i + 1) % self.step == 0:  # the query block reads this block's output (spec 2)
+            if (i + 1) % self.step == 0:  # the query block reads this block's output (as upstream)
                 g = self.query_blocks[i // self.step](g, h, allow_query)
         # The final norm is the encoder's (upstream's single `norm`): trained on the query stream only, used on
-        # content features for the order and the linear probe (spec 8.5). NOTE(official): upstream runs norm
+        # content features for the order and the linear probe. NOTE(official): upstream runs norm
         # and head on the cls slot too and then drops it; here it is dropped first (same predictions).
         return self.prediction_head(enc.norm(g[:, 1:]))  # (B, N, P)
 
     def forward(self, imgs, progress=None):
         rank = self.ranks(imgs)  # (B, N); before the masked pass, so its activations are freed first
         pred = self.predict(imgs, rank)
-        # NOTE(official): upstream blurs and normalises under fp16 autocast; here always fp32 (STYLE: pixel
-        # normalisation in fp32), so the targets do not depend on --dtype.
+        # NOTE(official): upstream blurs and normalises under fp16 autocast; here always fp32 (our precision
+        # convention: pixel normalisation in fp32), so the targets do not depend on --dtype.
         with torch.no_grad(), torch.autocast(imgs.device.type, enabled=False):
             target = pixel_targets(imgs, self.encoder.patch_size, self.blur, self.norm_pix_loss)  # (B, N, P)
-        loss = (pred.float() - target).pow(2).mean()  # every patch, the first too, equal weight (spec 4)
+        loss = (pred.float() - target).pow(2).mean()  # every patch, the first too, equal weight (as upstream)
         return loss, order_stats(rank, self.encoder.grid)
 
 
