@@ -28,48 +28,48 @@ class Config:
     data_path: str = ""  # ImageFolder of training images (one sub-folder per class), or the word cifar10
     data_root: str = "./data"  # where --data_path cifar10 is downloaded to
     output_dir: str = "./output_mokd"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
-    model: str = "vit_small"  # the ViT of the pair: vit_tiny, vit_small, vit_base (spec 2: ViT-S/16)
-    cnn_model: str = "resnet50"  # the CNN of the pair, a torchvision ResNet name (spec 2: ResNet-50)
-    cifar_stem: bool = False  # CNN stem for 32 px images: 3x3 stride-1 conv, no max-pool (spec 6.10)
-    input_size: int = 224  # global crop side (spec 3: 224)
-    local_size: int = 96  # local crop side (spec 3: 96)
-    patch_size: int = 16  # ViT patch side (spec 2: 16)
-    local_crops: int = 8  # n local crops per image, at least 1: the search loss lives on them (spec 6.7)
+    model: str = "vit_small"  # the ViT of the pair: vit_tiny, vit_small, vit_base (README: ViT-S/16)
+    cnn_model: str = "resnet50"  # the CNN of the pair, a torchvision ResNet name (README: ResNet-50)
+    cifar_stem: bool = False  # CNN stem for 32 px images: 3x3 stride-1 conv, no max-pool (ours, not upstream)
+    input_size: int = 224  # global crop side (upstream dino_augmentation.py: 224)
+    local_size: int = 96  # local crop side (upstream dino_augmentation.py: 96)
+    patch_size: int = 16  # ViT patch side (README: 16)
+    local_crops: int = 8  # n local crops per image, at least 1: the search loss lives on them (README: 8)
     global_scale_min: float = 0.25  # global crops cover (this, 1) of the image; locals (local_scale_min, this) (README)
-    local_scale_min: float = 0.05  # lower area bound of the local crops (spec 3)
-    drop_path: float = 0.1  # stochastic depth of the ViT student; its teacher uses 0 (spec 2)
-    out_dim: int = 65536  # K, outputs of every head (spec 4)
-    hidden_dim: int = 2048  # MLP head width (spec 2)
-    bottleneck_dim: int = 256  # MLP head bottleneck before the weight-normed last layer (spec 2)
-    thead_depth: int = 3  # T-Head blocks (spec 2: 3)
-    thead_heads: int = 6  # T-Head attention heads (spec 2: 6, hard-coded upstream; divides 192 and 384)
-    norm_last_layer_cnn: bool = True  # freeze g of the CNN MLP head's last layer (spec 2: True, hard-coded)
-    norm_last_layer_vit: bool = False  # freeze g of the ViT MLP head's last layer (spec 2: False, hard-coded)
+    local_scale_min: float = 0.05  # lower area bound of the local crops (README)
+    drop_path: float = 0.1  # stochastic depth of the ViT student (README: 0.1); its teacher uses 0
+    out_dim: int = 65536  # K, outputs of every head (README)
+    hidden_dim: int = 2048  # MLP head width (upstream models/mokd.py)
+    bottleneck_dim: int = 256  # MLP head bottleneck before the weight-normed last layer (upstream models/mokd.py)
+    thead_depth: int = 3  # T-Head blocks (upstream main_mokd.py: 3)
+    thead_heads: int = 6  # T-Head attention heads (6, hard-coded in upstream main_mokd.py; divides 192 and 384)
+    norm_last_layer_cnn: bool = True  # freeze g of the CNN MLP head's last layer (main_mokd.py: True, hard-coded)
+    norm_last_layer_vit: bool = False  # freeze g of the ViT MLP head's last layer (main_mokd.py: False, hard-coded)
     cross: bool = True  # cross-distillation; --no-cross (with --no-thead): two independent DINO runs
     thead: bool = True  # the T-Heads (self-distilled, and the search when --cross)
     lambda_cnn: float = 1.0  # lambda_c, weight of the CNN's cross terms (README: 1.0)
     lambda_vit: float = 0.1  # lambda_t, weight of the ViT's cross terms (README: 0.1)
-    warmup_teacher_temp: float = 0.04  # teacher temperature at epoch 0 (spec 3)
+    warmup_teacher_temp: float = 0.04  # teacher temperature at epoch 0 (README: 0.04)
     teacher_temp: float = 0.07  # teacher temperature after its warmup (README: 0.07)
-    teacher_temp_epochs_cnn: int = 50  # warmup of the CNN's self terms L_sm, L_st (spec 3: 50)
-    teacher_temp_epochs_vit: int = 30  # warmup of the other six terms (spec 3: 30)
-    student_temp: float = 0.1  # tau_s of every term (spec 3)
-    center_momentum: float = 0.9  # centre EMA (spec 3)
-    momentum_teacher: float = 0.996  # EMA momentum at step 0, cosine to 1 (spec 3)
+    teacher_temp_epochs_cnn: int = 50  # warmup of the CNN's self terms L_sm, L_st (README: 50)
+    teacher_temp_epochs_vit: int = 30  # warmup of the other six terms (README: 30; upstream main_mokd.py)
+    student_temp: float = 0.1  # tau_s of every term (upstream models/mokd.py)
+    center_momentum: float = 0.9  # centre EMA (upstream models/mokd.py)
+    momentum_teacher: float = 0.996  # EMA momentum at step 0, cosine to 1 (README, upstream main_mokd.py)
     epochs: int = 100  # pretraining epochs (README: 100)
-    warmup_epochs: int = 10  # linear lr warmup of both optimizers (spec 3)
+    warmup_epochs: int = 10  # linear lr warmup of both optimizers (README)
     batch_size: int = 256  # global batch (README: 16 GPUs x 16)
     micro_batch: int = 16  # per-device batch; gradient accumulation makes up batch_size (speed/memory only)
     blr_cnn: float = 0.1  # CNN SGD lr per 256 images (README: 0.1); lr = blr * batch_size / 256
-    blr_vit: float = 3e-4  # ViT AdamW lr per 256 images, also the CNN T-Head's (README: 3e-4; spec 6.3)
-    min_lr_cnn: float = 0.0048  # end of the CNN's cosine lr (spec 4, hard-coded upstream)
-    min_lr_vit: float = 1e-5  # end of the ViT's (and CNN T-Head's) cosine lr (spec 4, hard-coded upstream)
-    weight_decay_cnn: float = 1e-4  # constant SGD weight decay of the CNN's matrices (spec 3)
-    weight_decay_vit: float = 0.04  # start of the ViT (and CNN T-Head) weight-decay cosine (spec 3)
-    weight_decay_vit_end: float = 0.4  # its end (spec 3)
+    blr_vit: float = 3e-4  # ViT AdamW lr per 256 images, also the CNN T-Head's (README: 3e-4; main_mokd.py)
+    min_lr_cnn: float = 0.0048  # end of the CNN's cosine lr (hard-coded in main_mokd.py)
+    min_lr_vit: float = 1e-5  # end of the ViT's (and CNN T-Head's) cosine lr (hard-coded in main_mokd.py)
+    weight_decay_cnn: float = 1e-4  # constant SGD weight decay of the CNN's matrices (hard-coded in main_mokd.py)
+    weight_decay_vit: float = 0.04  # start of the ViT (and CNN T-Head) weight-decay cosine (hard-coded in main_mokd.py)
+    weight_decay_vit_end: float = 0.4  # its end (hard-coded in main_mokd.py)
     clip_grad_cnn: float = 3.0  # per-tensor gradient clipping of the CNN (README: 3); 0: off
     clip_grad_vit: float = 3.0  # per-tensor gradient clipping of the ViT (README: 3); 0: off
-    freeze_last_layer: int = 1  # epochs without updates of every *last_layer* parameter (spec 3)
+    freeze_last_layer: int = 1  # epochs without updates of every *last_layer* parameter (README: 1)
     num_workers: int = 10  # data loader processes per device
     seed: int = 0  # each process uses seed + rank
     device: str = "auto"  # auto (cuda if available), cuda or cpu
@@ -79,7 +79,7 @@ class Config:
     log_every: int = 50  # optimizer steps between log lines
 
     presets: ClassVar[dict] = {
-        # ResNet-18 (CIFAR stem) + ViT-Tiny/4 at 32 px, 6 local crops of 16 px, K = 4096 (spec 8).
+        # ResNet-18 (CIFAR stem) + ViT-Tiny/4 at 32 px, 6 local crops of 16 px, K = 4096 (our small-scale choice).
         "cifar10": dict(model="vit_tiny", cnn_model="resnet18", cifar_stem=True, input_size=32, local_size=16,
                         patch_size=4, local_crops=6, out_dim=4096, hidden_dim=1024, epochs=100, batch_size=256,
                         micro_batch=128, num_workers=8, output_dir="./output_mokd_cifar10"),
@@ -88,7 +88,7 @@ class Config:
 
 # --- method ---------------------------------------------------------------------------------------
 def search_loss(student_out, target, student_temp, teacher_temp):
-    """Cross-search loss (spec 3): mean over rows of -sum_k softmax(t / tau_t) log softmax(s / tau_s),
+    """Cross-search loss (upstream CTSearchLoss): mean over rows of -sum_k softmax(t / tau_t) log softmax(s / tau_s),
     rows paired one to one, no centring, no view skipping. student_out, target: (n*B, K)."""
     q = F.softmax(target.detach().float() / teacher_temp, dim=-1)
     return -(q * F.log_softmax(student_out.float() / student_temp, dim=-1)).sum(-1).mean()
@@ -106,13 +106,13 @@ def init_trunc_normal(module):
 
 
 class THead(nn.Module):
-    """Transformer head on spatial tokens (spec 2): [query +] tokens + learnable pos-embed -> blocks -> LN
+    """Transformer head on spatial tokens (as upstream): [query +] tokens + learnable pos-embed -> blocks -> LN
     -> the query position dropped -> mean over tokens -> weight-normed Linear(D, K), g = 1 and trainable,
     no L2-normalisation before it. in_channels > 0: a 1x1 conv first (the CNN's C -> D)."""
 
     def __init__(self, dim, out_dim, grid, in_channels=0, depth=3, heads=6):
         super().__init__()
-        self.proj = nn.Conv2d(in_channels, dim, 1) if in_channels else None  # PyTorch's default init (spec 2)
+        self.proj = nn.Conv2d(in_channels, dim, 1) if in_channels else None  # PyTorch's default init, as upstream
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, dim))
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
@@ -122,7 +122,7 @@ class THead(nn.Module):
 
     def tokens(self, x):
         """CNN map (B, C, h, w) or ViT patch tokens (B, T, D) -> tokens with positions (B, T, D), and for the
-        CNN the mean of its projected map (B, D), the CNN's search query (spec 6.2)."""
+        CNN the mean of its projected map (B, D), the CNN's search query (as upstream models/mokd.py)."""
         pool = None
         if self.proj is not None:
             x = self.proj(x)  # (B, D, h, w)
@@ -139,7 +139,7 @@ class THead(nn.Module):
             x = block(x)
         x = self.norm(x)
         if query is not None:
-            x = x[:, 1:]  # the query position is not part of the pooled mean (spec 7.9)
+            x = x[:, 1:]  # the query position is not part of the pooled mean (as upstream)
         return x.mean(1)
 
     def forward(self, tokens, query=None):  # (R, T, D) -> (R, K)
@@ -179,13 +179,13 @@ class MOKD(nn.Module):
                  teacher_temp_epochs_cnn=50, teacher_temp_epochs_vit=30, student_temp=0.1, center_momentum=0.9,
                  epochs=100):
         super().__init__()
-        dim, channels = vit.embed_dim, cnn.inplanes  # T-Heads have the ViT's width on both sides (spec 6.2)
+        dim, channels = vit.embed_dim, cnn.inplanes  # T-Heads have the ViT's width on both sides (as upstream)
         self.cnn = Net(cnn, common.DINOHead(channels, out_dim, hidden_dim, bottleneck_dim, 3, norm_last_layer_cnn),
                        THead(dim, out_dim, cnn_grid, channels, thead_depth, thead_heads) if thead else None)
-        # NOTE(official): the ViT T-Head grid is hard-coded 14 there; here the ViT's grid (14 at 224/16; spec 6.4).
+        # NOTE(official): the ViT T-Head grid is hard-coded 14 there (main_mokd.py); here the ViT's grid (14 at 224/16).
         self.vit = Net(vit, common.DINOHead(dim, out_dim, hidden_dim, bottleneck_dim, 3, norm_last_layer_vit),
                        THead(dim, out_dim, vit.grid, 0, thead_depth, thead_heads) if thead else None)
-        # Teachers start as copies of the students; the ViT teacher has no stochastic depth (spec 2).
+        # Teachers start as copies of the students; the ViT teacher has no stochastic depth (as upstream main_mokd.py).
         # NOTE(official): the teacher heads there are built with norm_last_layer=True; frozen anyway, same values.
         self.teacher_cnn = copy.deepcopy(self.cnn).requires_grad_(False)
         self.teacher_vit = copy.deepcopy(self.vit).requires_grad_(False)
@@ -193,7 +193,7 @@ class MOKD(nn.Module):
             if isinstance(m, common.DropPath):
                 m.p = 0.0
         # Centres, one per centred loss. NOTE(official): L_cm_cnn's centre sees the same teacher rows with the
-        # same momentum as L_sm_vit's (and L_cm_vit's as L_sm_cnn's), so they are always equal (spec 6.5):
+        # same momentum as L_sm_vit's (and L_cm_vit's as L_sm_cnn's), so they are always equal:
         # the cross terms use those two, which saves two buffers and two all-reduces.
         self.center_cnn_mlp, self.center_vit_mlp = common.DINOCenter(out_dim), common.DINOCenter(out_dim)
         self.center_cnn_thead = common.DINOCenter(out_dim) if thead else None
@@ -203,7 +203,7 @@ class MOKD(nn.Module):
         self.student_temp, self.center_momentum, self.epochs = student_temp, center_momentum, epochs
 
     def teacher_temperatures(self, progress):
-        """Per-epoch teacher temperatures (tau_cnn for the CNN's self terms, tau_vit for the others; spec 3)."""
+        """Per-epoch teacher temperatures (tau_cnn for the CNN's self terms, tau_vit for the others; as upstream)."""
         epoch = min(int(progress * self.epochs + 1e-6), self.epochs - 1)
         warm, temp, w_cnn, w_vit = self.temps
         return (common.teacher_temperature(epoch, warm, temp, w_cnn),
@@ -211,7 +211,7 @@ class MOKD(nn.Module):
 
     @staticmethod
     def student(net, globals_, locals_):
-        """All V crops, the two resolutions through the backbone separately (spec 3). -> MLP outputs (VB, K),
+        """All V crops, the two resolutions through the backbone separately (as upstream). -> MLP outputs (VB, K),
         T-Head outputs (VB, K) and (nB, K) (locals only), the local-crop queries (nB, D)."""
         g_pooled, g_tokens, _ = net.features(globals_)
         l_pooled, l_tokens, l_query = net.features(locals_)
@@ -225,9 +225,9 @@ class MOKD(nn.Module):
     @staticmethod
     @torch.no_grad()  # NOTE(official): upstream runs it with autograd on (no graph, as nothing needs grad)
     def teacher(net, globals_, query, n):
-        """Global crops only (spec 7.4). -> MLP (2B, K), T-Head (2B, K), search (nB, K) or None. The search:
+        """Global crops only, as upstream. -> MLP (2B, K), T-Head (2B, K), search (nB, K) or None. The search:
         global crop 1's tokens tiled n times (row j*B + b = local crop j of image b), the other student's
-        detached local-crop query prepended (spec 2)."""
+        detached local-crop query prepended (as upstream models/mokd.py)."""
         pooled, tokens, _ = net.features(globals_)
         mlp = net.head(pooled)
         if net.thead is None:
@@ -243,14 +243,14 @@ class MOKD(nn.Module):
         """Every loss term (with its graph), the two totals, the teacher temperatures; updates the centres."""
         n, ts = len(crops) - 2, self.student_temp
         if n < 1:
-            raise ValueError("MOKD needs at least one local crop (the search loss is built on them; spec 6.7)")
+            raise ValueError("MOKD needs at least one local crop (the search loss is built on them)")
         tau_cnn, tau_vit = self.teacher_temperatures(progress)
         globals_, locals_ = torch.cat(crops[:2]), torch.cat(crops[2:])  # (2B, 3, H, W), (nB, 3, h, w)
         s_cnn_mlp, s_cnn_th, s_cnn_th_local, cnn_query = self.student(self.cnn, globals_, locals_)
         s_vit_mlp, s_vit_th, s_vit_th_local, vit_query = self.student(self.vit, globals_, locals_)
         search = self.cross and self.cnn.thead is not None
         # Every teacher output below is computed without a graph and every query is detached, so L_cnn does
-        # not depend on any ViT student parameter and L_vit on no CNN one (spec 7.7): one backward of their
+        # not depend on any ViT student parameter and L_vit on no CNN one: one backward of their
         # sum gives each model exactly the gradients of its own total (tests/test_mokd.py checks it).
         t_cnn_mlp, t_cnn_th, t_cnn_search = self.teacher(self.teacher_cnn, globals_, vit_query if search else None, n)
         t_vit_mlp, t_vit_th, t_vit_search = self.teacher(self.teacher_vit, globals_, cnn_query if search else None, n)
@@ -261,23 +261,23 @@ class MOKD(nn.Module):
         if s_cnn_th is not None:
             stats["loss_st_cnn"] = common.dino_loss(s_cnn_th, t_cnn_th, self.center_cnn_thead.center, ts, tau_cnn)
             stats["loss_st_vit"] = common.dino_loss(s_vit_th, t_vit_th, self.center_vit_thead.center, ts, tau_vit)
-        if self.cross:  # the other model's teacher, with its own centre, at the ViT warmup (spec 3 table)
+        if self.cross:  # the other model's teacher, with its own centre, at the ViT warmup (as upstream main_mokd.py)
             stats["loss_cm_cnn"] = common.dino_loss(s_cnn_mlp, t_vit_mlp, c_vit, ts, tau_vit)
             stats["loss_cm_vit"] = common.dino_loss(s_vit_mlp, t_cnn_mlp, c_cnn, ts, tau_vit)
         if search:
             stats["loss_ct_cnn"] = search_loss(s_cnn_th_local, t_vit_search, ts, tau_vit)
             stats["loss_ct_vit"] = search_loss(s_vit_th_local, t_cnn_search, ts, tau_vit)
-        # Centres move after the losses (step k uses step k-1's centre) on teacher global outputs only (spec 7.5).
+        # Centres move after the losses (step k uses step k-1's centre) on teacher global outputs only (as upstream).
         # NOTE(official): with gradient accumulation (upstream has none) they move once per micro-batch.
         for center, out in ((self.center_cnn_mlp, t_cnn_mlp), (self.center_vit_mlp, t_vit_mlp),
                             (self.center_cnn_thead, t_cnn_th), (self.center_vit_thead, t_vit_th)):
             if center is not None:
                 center.update(out, self.center_momentum)
 
-        def total(side, lam):  # L = L_sm + L_st + lambda (L_cm + L_ct) (spec 3); absent terms count 0
+        def total(side, lam):  # L = L_sm + L_st + lambda (L_cm + L_ct) (as upstream); absent terms count 0
             get = lambda term: stats.get(f"loss_{term}_{side}", 0.0)  # noqa: E731
             return get("sm") + get("st") + lam * (get("cm") + get("ct"))
-        # NOTE(official): upstream logs only L_sm as "loss_cnn"/"loss_vit" (spec 6.9); here every term and both totals.
+        # NOTE(official): upstream logs only L_sm as "loss_cnn"/"loss_vit"; here every term and both totals.
         stats.update(loss_cnn=total("cnn", self.lambda_cnn), loss_vit=total("vit", self.lambda_vit))
         return stats, tau_cnn, tau_vit
 
@@ -291,7 +291,7 @@ class MOKD(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum):
-        """Both teachers <- m teacher + (1 - m) student over all parameters (T-Heads and weight_g too; spec 3)."""
+        """Both teachers <- m teacher + (1 - m) student over all parameters (T-Heads and weight_g too, as upstream)."""
         common.ema_update(self.teacher_cnn, self.cnn, momentum)
         common.ema_update(self.teacher_vit, self.vit, momentum)
 
@@ -300,14 +300,14 @@ class MOKD(nn.Module):
 def build(cfg):
     """The model of a config (used by main, bench.py and the tests)."""
     vit = common.vit(cfg.model, cfg.input_size, cfg.patch_size, cfg.drop_path)
-    # DINO's ViT: learnable position table (trunc-normal) and trunc-normal Linear init (spec 2).
+    # DINO's ViT: learnable position table (trunc-normal) and trunc-normal Linear init (upstream vision_transformer.py).
     init_trunc_normal(vit)
     vit.pos_embed.requires_grad_(True)
     nn.init.trunc_normal_(vit.pos_embed, std=0.02)
     nn.init.trunc_normal_(vit.cls_token, std=0.02)
     cnn = common.resnet(cfg.cnn_model, cfg.cifar_stem)
     # NOTE(official): the CNN T-Head grid is input_size // 32 there; here it is the real layer4 map size,
-    # so a CIFAR stem (stride 8) gets its 4 x 4 tokens their own positions (spec 6.10).
+    # so a CIFAR stem (stride 8) gets its 4 x 4 tokens their own positions.
     cnn_grid = cfg.input_size // (8 if cfg.cifar_stem else 32)
     if cnn_grid < 1 or cfg.local_crops < 1:
         common.fail(f"--input_size {cfg.input_size} / --local_crops {cfg.local_crops} leave no CNN map or no local "
@@ -352,11 +352,11 @@ class Optimizers:
 
 
 def make_optimizer(model, cfg):
-    """SGD (momentum .9) for the CNN, AdamW (betas .9/.999) for the ViT, with the upstream groups (spec 3):
+    """SGD (momentum .9) for the CNN, AdamW (betas .9/.999) for the ViT, with the upstream groups (main_mokd.py):
     CNN [matrices (wd), 1-D (no wd), T-Head (ViT lr and wd schedules, everything decayed)], ViT [matrices
     (wd), 1-D (no wd)]. Frozen parameters (the CNN MLP head's g) are left out. set_schedules fills lr/wd.
     NOTE(official): upstream hard-codes wd, final lrs, norm_last_layer and AdamW for the ViT and ignores the
-    flags that name them (spec 6.4); here each has a flag whose default is the hard-coded value."""
+    flags that name them (main_mokd.py); here each has a flag whose default is the hard-coded value."""
     thead = [p for n, p in model.cnn.named_parameters() if n.startswith("thead.") and p.requires_grad]
     rest = [p for n, p in model.cnn.named_parameters() if not n.startswith("thead.") and p.requires_grad]
     sgd = torch.optim.SGD([{"params": [p for p in rest if p.ndim >= 2], "weight_decay": cfg.weight_decay_cnn},
@@ -367,7 +367,7 @@ def make_optimizer(model, cfg):
 
 
 def set_schedules(optimizer, lr_cnn, lr_vit, wd_vit):
-    """Per-step lr and weight decay of the 5 groups; the CNN T-Head follows the ViT (spec 6.3)."""
+    """Per-step lr and weight decay of the 5 groups; the CNN T-Head follows the ViT (as upstream main_mokd.py)."""
     cnn, vit = optimizer.optimizers
     for group, lr in zip(cnn.param_groups, (lr_cnn, lr_cnn, lr_vit)):
         group["lr"] = float(lr)
@@ -393,14 +393,14 @@ def train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, progress,
             with ctx.autocast():
                 loss, stats = ddp(crops, progress)
             # NOTE(official): one backward of L_cnn + L_vit (one scaler) instead of two: no cross term carries
-            # a gradient to the other model (see MOKD.losses), so the gradients are the same (spec 7.7, 8).
+            # a gradient to the other model (see MOKD.losses), so the gradients are the same.
             scaler.scale(loss / accum).backward()
     for opt in optimizer.optimizers:  # method-specific from here on
         scaler.unscale_(opt)
     norm_cnn = common.clip_per_tensor(model.cnn.parameters(), cfg.clip_grad_cnn)
     norm_vit = common.clip_per_tensor(model.vit.parameters(), cfg.clip_grad_vit)
     stats.update(grad_norm_cnn=norm_cnn, grad_norm_vit=norm_vit, grad_norm=torch.hypot(norm_cnn, norm_vit))
-    common.cancel_last_layer(model, epoch, cfg.freeze_last_layer)  # MLP heads and T-Heads (spec 3)
+    common.cancel_last_layer(model, epoch, cfg.freeze_last_layer)  # MLP heads and T-Heads, as upstream
     for opt in optimizer.optimizers:
         scaler.step(opt)
     scaler.update()
@@ -410,7 +410,7 @@ def train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, progress,
 
 
 def encoders(model, cfg):
-    """The teachers' backbones (what upstream evaluates; spec 4) under torchvision / timm names."""
+    """The teachers' backbones (what upstream evaluates, README) under torchvision / timm names."""
     return {"cnn": (model.teacher_cnn.backbone, {"model": cfg.cnn_model, "input_size": cfg.input_size,
                                                   "cifar_stem": cfg.cifar_stem}),
             "vit": (model.teacher_vit.backbone, {"model": cfg.model, "input_size": cfg.input_size,
@@ -447,7 +447,7 @@ def main(cfg):
              f"{ctx.device}, {ctx.dtype}")
 
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()  # teachers too: their BN uses batch statistics, as upstream (spec 2)
+        model.train()  # teachers too: their BN uses batch statistics, as upstream
         stream = batches.epoch(epoch)
         for it in range(steps_per_epoch):
             step = epoch * steps_per_epoch + it
