@@ -28,37 +28,37 @@ class Config:
     data_path: str = ""  # ImageFolder of training images (one sub-folder per class), or the word cifar10
     data_root: str = "./data"  # where --data_path cifar10 is downloaded to
     output_dir: str = "./output_scfs"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
-    model: str = "resnet50"  # torchvision ResNet, student and teacher (spec 2: resnet50; any depth works here)
+    model: str = "resnet50"  # torchvision ResNet, student and teacher (README: resnet50; any depth works here)
     cifar_stem: bool = False  # 3x3 stride-1 first conv and no max-pool, for 32 px images
-    input_size: int = 224  # side of the 2 global crops (spec 3: 224)
-    local_size: int = 96  # side of the local crops (spec 3: 96)
-    local_crops: int = 8  # number of local crops L (spec 3: 8)
-    global_scale_min: float = 0.25  # global crops cover 0.25-1 of the image area (spec 3, README; code default .4)
-    local_scale_min: float = 0.05  # local crops cover 0.05-0.25 of it (spec 3, README)
-    local_scale_max: float = 0.25  # upper end of the local-crop scale (spec 3: README 0.25; code default 0.4)
+    input_size: int = 224  # side of the 2 global crops (upstream dino_augmentation.py: 224)
+    local_size: int = 96  # side of the local crops (upstream dino_augmentation.py: 96)
+    local_crops: int = 8  # number of local crops L (upstream main_scfs.py: 8)
+    global_scale_min: float = 0.25  # global crops cover 0.25-1 of the image area (README; code default .4)
+    local_scale_min: float = 0.05  # local crops cover 0.05-0.25 of it (README)
+    local_scale_max: float = 0.25  # upper end of the local-crop scale (README: 0.25; code default 0.4)
     search: bool = True  # the stage-wise feature search; --no-search is plain DINO, the paper's baseline
-    out_dim: int = 65536  # DINO head output K (spec 2)
-    hidden_dim: int = 2048  # DINO head MLP width (spec 2)
-    bottleneck_dim: int = 256  # DINO head bottleneck before the weight-normed last layer (spec 2)
-    norm_last_layer: bool = True  # last-layer magnitude fixed to 1 (spec 2)
-    stage_bottleneck: int = 256  # width of the residual block in each stage head (spec 2: 256)
-    stage_hidden: int = 2048  # BN-MLP width of each stage head (spec 2: 2048)
-    stage_dim: int = 256  # stage head output D, softmax taken over it directly (spec 2: 256)
-    student_temp: float = 0.1  # tau_s (spec 3)
-    teacher_temp: float = 0.07  # tau_t after its warm-up (spec 4)
-    warmup_teacher_temp: float = 0.04  # tau_t at epoch 0 (spec 4)
-    warmup_teacher_temp_epochs: int = 50  # linear tau_t ramp, per epoch (spec 4: 50)
-    center_momentum: float = 0.9  # all four centers (spec 3)
-    momentum_teacher: float = 0.996  # EMA momentum, cosine to 1 per step (spec 3)
+    out_dim: int = 65536  # DINO head output K (upstream main_scfs.py)
+    hidden_dim: int = 2048  # DINO head MLP width (upstream models/scfs.py)
+    bottleneck_dim: int = 256  # DINO head bottleneck before the weight-normed last layer (upstream models/scfs.py)
+    norm_last_layer: bool = True  # last-layer magnitude fixed to 1 (upstream main_scfs.py)
+    stage_bottleneck: int = 256  # width of the residual block in each stage head (upstream models/scfs.py: 256)
+    stage_hidden: int = 2048  # BN-MLP width of each stage head (upstream models/scfs.py: 2048)
+    stage_dim: int = 256  # stage head output D, softmax taken over it directly (upstream models/scfs.py: 256)
+    student_temp: float = 0.1  # tau_s (upstream models/scfs.py)
+    teacher_temp: float = 0.07  # tau_t after its warm-up (README)
+    warmup_teacher_temp: float = 0.04  # tau_t at epoch 0 (README)
+    warmup_teacher_temp_epochs: int = 50  # linear tau_t ramp, per epoch (README: 50)
+    center_momentum: float = 0.9  # all four centers (upstream models/scfs.py)
+    momentum_teacher: float = 0.996  # EMA momentum, cosine to 1 per step (upstream main_scfs.py)
     epochs: int = 200  # pretraining epochs (README: 200; 800 for the long run)
-    warmup_epochs: int = 10  # linear lr warm-up (spec 3)
+    warmup_epochs: int = 10  # linear lr warm-up (upstream main_scfs.py)
     batch_size: int = 256  # global batch (README: 8 GPUs x 32)
     micro_batch: int = 32  # per-device batch; gradient accumulation makes up batch_size (speed/memory only)
     blr: float = 0.1  # SGD base lr; lr = blr * batch_size / 256 (README)
     min_lr: float = 0.0048  # end of the cosine, absolute (README)
-    weight_decay: float = 1e-4  # SGD momentum 0.9; constant; none on biases and BN (spec 3)
-    clip_grad: float = 3.0  # per-tensor gradient-norm clip, DINO style (spec 3)
-    freeze_last_layer: int = 1  # epochs in which the DINO head's last layer is not updated (spec 3)
+    weight_decay: float = 1e-4  # SGD momentum 0.9; constant; none on biases and BN (README, upstream utils/utils.py)
+    clip_grad: float = 3.0  # per-tensor gradient-norm clip, DINO style (upstream main_scfs.py)
+    freeze_last_layer: int = 1  # epochs in which the DINO head's last layer is not updated (upstream main_scfs.py)
     num_workers: int = 10  # data loader processes per device
     seed: int = 0  # each process uses seed + rank
     device: str = "auto"  # auto (cuda if available), cuda or cpu
@@ -79,12 +79,12 @@ class Config:
 # --- method ---------------------------------------------------------------------------------------
 def stage_channels(net, stage):
     """C_k of a torchvision ResNet's layer{stage} output (BasicBlock: 64 * 2^(k-1); Bottleneck: 4x that).
-    NOTE(official): the official heads hard-code ResNet-50 widths 512/1024/2048 (spec 2)."""
+    NOTE(official): the official heads hard-code ResNet-50 widths 512/1024/2048 (models/scfs.py)."""
     return 64 * 2 ** (stage - 1) * type(net.layer4[-1]).expansion
 
 
 class StageHead(nn.Module):
-    """Per-stage 'shallow' head (spec 2): residual bottleneck (1x1 C->Db, 3x3, 1x1 Db->C, BN each, bias-free
+    """Per-stage 'shallow' head (as upstream): residual bottleneck (1x1 C->Db, 3x3, 1x1 Db->C, BN each, bias-free
     convs, + input, ReLU), global average pool, Linear-BN-ReLU-Linear-BN, L2 normalisation.
     (N, C, H, W) -> (N, D). Default PyTorch init, as the official."""
 
@@ -118,7 +118,7 @@ class StageHead(nn.Module):
 
 @torch.no_grad()
 def feature_search(local_maps, teacher_map):
-    """Similarity maps of the search (spec 2): the pooled, L2-normalised student feature of each local
+    """Similarity maps of the search (upstream TeacherWrapper): the pooled, L2-normalised student feature of each local
     crop (the query, stop-grad) against the channel-normalised teacher map of global crop 1 at every
     location; plain cosine, no softmax or temperature, in [0, 1] for post-ReLU features.
     local_maps (L*B, C, h, w) crop-major, teacher_map (B, C, H, W) -> (L, B, H, W)."""
@@ -130,7 +130,7 @@ def feature_search(local_maps, teacher_map):
 
 
 def search_loss(student_local, teacher_local, student_temp, teacher_temp):
-    """L_l^k (spec 3): crop i of the student against the target searched with crop i's own query, no
+    """L_l^k (upstream DINOShallowLoss): crop i of the student against the target searched with crop i's own query, no
     centring. Both (L*B, D) crop-major; mean over crops of batch means = mean over all rows."""
     targets = F.softmax(teacher_local.float() / teacher_temp, dim=-1)
     return -(targets * F.log_softmax(student_local.float() / student_temp, dim=-1)).sum(-1).mean()
@@ -140,7 +140,7 @@ class SCFS(nn.Module):
     """DINO with stage-wise semantics-consistent feature search. `loss, stats = model(crops, progress)`,
     crops = [global 1, global 2, local 1..L], each (B, 3, h, w). search=False is plain DINO.
     NOTE(official): no box generator and no RoIAlign layers: the official builds them and passes them
-    around but never calls them in its training step (spec 2, 6.6)."""
+    around but never calls them in its training step (main_scfs.py, models/scfs.py)."""
 
     def __init__(self, encoder, out_dim=65536, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True,
                  search=True, stages=(2, 3, 4), stage_bottleneck=256, stage_hidden=2048, stage_dim=256,
@@ -156,7 +156,7 @@ class SCFS(nn.Module):
         stage_heads.to(memory_format=torch.channels_last)  # like the encoder's maps (common.resnet_features)
         self.student = nn.ModuleDict({"encoder": encoder, "head": head, "stage_heads": stage_heads})
         # Teacher: a copy, no gradients, updated by EMA of parameters only; it stays in train mode, so its
-        # BatchNorms use batch statistics (spec 2).
+        # BatchNorms use batch statistics (as upstream).
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         # NOTE(official): centers are buffers of the model, so a resume restores all four (upstream forgets c_4)
         self.center = common.DINOCenter(out_dim)  # c of L_d
@@ -165,7 +165,7 @@ class SCFS(nn.Module):
         self.teacher_temp_args = (warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
 
     def teacher_temp(self, progress):
-        """tau_t, set per epoch: linear warmup_teacher_temp -> teacher_temp over the warm-up epochs (spec 3)."""
+        """tau_t, set per epoch: linear warmup_teacher_temp -> teacher_temp over the warm-up epochs (as upstream)."""
         epoch = min(int(progress * self.epochs + 1e-6), self.epochs - 1)
         return common.teacher_temperature(epoch, *self.teacher_temp_args)
 
@@ -174,33 +174,33 @@ class SCFS(nn.Module):
         student, teacher, ts = self.student, self.teacher, self.student_temp
         tt = self.teacher_temp(progress)
         # Student: globals and locals in two calls, so BatchNorm normalises each resolution on its own
-        # (spec 6.9, as DINO's multi-crop wrapper).
+        # (as upstream and DINO's multi-crop wrapper).
         maps_g = common.resnet_features(student["encoder"], torch.cat(crops[:2]), self.taps)  # [(2B, C_k, H, W)]
         maps_l = common.resnet_features(student["encoder"], torch.cat(crops[2:]), self.taps)  # [(LB, C_k, h, w)]
         z_s = student["head"](torch.cat([maps_g[-1].mean((2, 3)), maps_l[-1].mean((2, 3))]))  # (V*B, K); no BN
         # NOTE(official): the teacher pass runs under no_grad (upstream: outside it, but nothing in it
-        # requires grad, spec 3), and the student's DINO head runs once on all crops (no BatchNorm in it).
+        # requires grad), and the student's DINO head runs once on all crops (no BatchNorm in it).
         with torch.no_grad():  # the teacher sees the 2 global crops only
             maps_t = common.resnet_features(teacher["encoder"], torch.cat(crops[:2]), self.taps)
             z_t = teacher["head"](maps_t[-1].mean((2, 3)))  # (2B, K)
-        loss_dino = common.dino_loss(z_s, z_t, self.center.center, ts, tt)  # 2 x (V - 1) pairs (spec 3)
+        loss_dino = common.dino_loss(z_s, z_t, self.center.center, ts, tt)  # 2 x (V - 1) pairs (as upstream)
         stats = {"loss_dino": loss_dino.detach(), "teacher_temp": torch.full((), tt, device=z_s.device)}
         loss, loss_global, loss_search, similarity = loss_dino, 0.0, 0.0, 0.0
         for i, (head_s, head_t) in enumerate(zip(student["stage_heads"], teacher["stage_heads"])):
             k = self.taps.index(self.stages[i])
             p_s_g, p_s_l = head_s(maps_g[k]), head_s(maps_l[k])  # (2B, D), (LB, D)
             with torch.no_grad():
-                view1 = maps_t[k][:B]  # keys and values: teacher map of global crop 1 only (spec 6.1)
+                view1 = maps_t[k][:B]  # keys and values: teacher map of global crop 1 only (as upstream)
                 sim = feature_search(maps_l[k], view1)  # (L, B, H, W)
                 p_t_g = head_t(maps_t[k])  # (2B, D)
-                p_t_l = head_t(view1, weights=sim)  # searched targets, (LB, D); own BN call (spec 6.9)
+                p_t_l = head_t(view1, weights=sim)  # searched targets, (LB, D); own BN call (as upstream)
             # L_g^k: cross-view and centred, i.e. DINO's loss over the 2 global crops: 2 pairs, 1/2 each
             stage_global = common.dino_loss(p_s_g, p_t_g, self.stage_centers[i].center, ts, tt)
             stage_search = search_loss(p_s_l, p_t_l, ts, tt)  # L_l^k: L same-index pairs, uncentred
-            loss = loss + 0.5 * (stage_global + stage_search)  # spec 3: L = L_d + sum_k (L_g^k + L_l^k) / 2
+            loss = loss + 0.5 * (stage_global + stage_search)  # L = L_d + sum_k (L_g^k + L_l^k) / 2 (main_scfs.py)
             loss_global, loss_search = loss_global + stage_global.detach(), loss_search + stage_search.detach()
             similarity = similarity + sim.float().mean()
-            # after the loss: the loss used the previous center; global teacher outputs only (spec 3)
+            # after the loss: the loss used the previous center; global teacher outputs only (as upstream)
             self.stage_centers[i].update(p_t_g, self.center_momentum)
         self.center.update(z_t, self.center_momentum)
         if self.stages:
@@ -210,7 +210,7 @@ class SCFS(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum):
-        """teacher <- m * teacher + (1 - m) * student over parameters, after each optimizer step (spec 3)."""
+        """teacher <- m * teacher + (1 - m) * student over parameters, after each optimizer step (as upstream)."""
         common.ema_update(self.teacher, self.student, momentum)
 
 
@@ -226,7 +226,7 @@ def build(cfg):
 
 def make_optimizer(model, cfg):
     """SGD, momentum 0.9; weight decay on conv/linear weights only, none on biases and BN; frozen
-    parameters (teacher, fixed last-layer magnitude) left out (spec 3). The lr is set every step.
+    parameters (teacher, fixed last-layer magnitude) left out (as upstream). The lr is set every step.
     NOTE(official): weight decay is a constant, not a per-step schedule (upstream's runs 1e-4 -> 1e-4)."""
     return torch.optim.SGD(common.param_groups(model, cfg.weight_decay), lr=0.0, momentum=0.9)
 
@@ -239,7 +239,7 @@ def synthetic_batch(cfg, device):
 
 def lr_schedule(lr, min_lr, total_steps, warmup_steps):
     """Per-step lr: DINO's warm-up reaches lr at its last step (np.linspace(0, lr, W)), then a half-cosine
-    from lr towards min_lr that never quite reaches it (spec 7.12)."""
+    from lr towards min_lr that never quite reaches it (upstream utils/utils.py cosine_scheduler)."""
     lrs = common.cosine_schedule(lr, min_lr, total_steps, warmup_steps)
     lrs[:warmup_steps] = np.linspace(0, lr, warmup_steps)
     return lrs
