@@ -37,7 +37,7 @@ class Config:
     sigma: float = 1.0  # sigma0 of position smoothing (upstream --label_smoothing_sigma; scripts: 1)
     sigma_decay: bool = True  # sigma = sigma0 * (1 - epoch / epochs), set per epoch (scripts: on; engine_pretrain.py)
     attn_guide: bool = True  # attentive reconstruction: weight tokens by cls similarity (scripts: on)
-    official_smoothing: bool = False  # map as released in engine_pretrain.py: column-normalised, patch_size grid
+    official_smoothing: bool = False  # upstream's released map (engine_pretrain.py): column-normalised, patch_size grid
     epochs: int = 800  # pretraining epochs (scripts: 800; the paper also reports 200)
     warmup_epochs: int = 10  # linear lr warmup (scripts: 10 for ViT-B, 40 for ViT-L)
     batch_size: int = 4096  # global batch: the paper's 64 GPUs x the scripts' 64 per GPU
