@@ -1,22 +1,28 @@
-"""common.py: what two or more of our five methods use unchanged and is not a paper's idea.
+"""common.py: what two or more of our methods use unchanged and is not a paper's idea.
 
-ViT with timm's parameter names on one SDPA attention, fixed 2-D sin-cos position embeddings,
-patchify, image-folder loading with one-line errors, MAE augmentation, distributed setup with guarded
-collectives, seeding, per-step schedules, AdamW parameter groups, checkpoints, logging, config parsing.
+ViT with timm's parameter names on one SDPA attention, fixed 2-D sin-cos position embeddings, patchify,
+image-folder loading with one-line errors, MAE and DINO augmentation, distributed setup with guarded
+collectives, the gradient-accumulation step, per-step schedules, AdamW parameter groups, DINO's head, loss
+and EMA, checkpoints that resume exactly, logging, and config parsing.
+The contract with a training program is `TrainConfig` (at the end): the fields this file reads.
 Shapes: B batch, N patches, D width, P = patch*patch*3.
 """
 import argparse
 import dataclasses
 import inspect
+import itertools
 import json
 import math
 import os
 import random
 import re
 import resource
+import socket
 import sys
 import time
+import weakref
 from contextlib import nullcontext
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -24,15 +30,24 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import ImageFilter
+from PIL import Image, ImageFilter
 from torchvision import transforms
 from tqdm import tqdm
+
+_bars = weakref.WeakSet()  # our open progress bars, closed by fail()
+
+
+def progress_bar(**kwargs):
+    """A tqdm bar that fail() closes before its error line (else the bar redraws itself after it at exit)."""
+    bar = tqdm(dynamic_ncols=True, **kwargs)
+    _bars.add(bar)
+    return bar
 
 
 def fail(message):
     """Stop with one line `error: <what is wrong>; <what to do>` and exit status 1."""
-    for bar in list(getattr(tqdm, "_instances", [])):
-        bar.close()  # else a progress bar redraws itself after the error line at exit
+    for bar in list(_bars):
+        bar.close()
     raise SystemExit(f"error: {message}")
 
 
@@ -153,13 +168,15 @@ class VisionTransformer(nn.Module):
 
 
 def resize_pos_embed(pos, grid):
-    """(1, G*G, D) position table -> (1, grid*grid, D), bicubic on the 2-D grid as DINO; unchanged if G = grid.
-    NOTE(official): DINO scales by grid / G + 0.1 (a float-rounding guard); sizing by the grid is exact."""
+    """(1, G*G, D) position table -> (1, grid*grid, D), unchanged if G = grid. DINO's rule (its and MOKD's
+    vision_transformer.py, interpolate_pos_encoding): bicubic with the scale factor (grid + 0.1) / G. That samples
+    at other points than a resize to the size grid x grid would (values differ by up to ~3e-2)."""
     old = int(round(math.sqrt(pos.shape[1])))
     if old == grid:
         return pos
     x = pos.reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, D, G, G)
-    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False)
+    scale = (grid + 0.1) / old  # the + 0.1 makes floor(G * scale) = grid despite float rounding
+    x = F.interpolate(x, scale_factor=(scale, scale), mode="bicubic", align_corners=False)  # (1, D, grid, grid)
     return x.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
 
 
@@ -208,14 +225,11 @@ def mae_transform(size, scale=(0.2, 1.0)):
         transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-class DataError(Exception):
-    """Raised inside a loader worker; the main process turns it into a one-line error."""
-
-
 class ImageFolder(torchvision.datasets.ImageFolder):
-    """torchvision's ImageFolder that skips unreadable images. An unreadable file is reported once by
-    name and replaced by the next readable one; each sample also returns how many files it skipped,
-    so the training loop can stop a run in which most images fail."""
+    """torchvision's ImageFolder that skips unreadable images. An unreadable file is reported once by name and
+    replaced by the next readable one; each sample also returns how many files it skipped, so the training
+    loop can stop a run in which most images fail. After max_skips failures in a row the sample is a blank
+    image whose count is -(index + 1): the main process names the file (no exception crosses from a worker)."""
     max_skips = 16
     reported = set()  # per process
 
@@ -230,8 +244,7 @@ class ImageFolder(torchvision.datasets.ImageFolder):
                     print(f"warning: skipping unreadable image {path} ({type(e).__name__}: {e})", file=sys.stderr)
                 continue
             return self.transform(img), label, skipped
-        raise DataError(f"{self.max_skips} images in a row could not be read (the last: {path}); "
-                        f"check the files under {self.root}")
+        return self.transform(Image.new("RGB", (8, 8))), label, -(index + 1)
 
 
 class CIFAR10(torchvision.datasets.CIFAR10):
@@ -259,17 +272,31 @@ def image_dataset(path, transform, data_root="./data", train=True):
              "<path>/<class>/<image>.jpg")
 
 
+class Step:
+    """The micro-batches of one optimizer step: len() of them, read lazily, so one is on the device at a time."""
+    def __init__(self, stream, count):
+        self.stream, self.count = stream, count
+
+    def __len__(self):
+        return self.count
+
+    def __iter__(self):
+        return itertools.islice(self.stream, self.count)
+
+
 class Batches:
-    """Epoch-wise iteration over a training set: per-process micro-batches and the gradient accumulation
-    that makes up the global batch, a fresh seeded shuffle and augmentation stream each epoch (so a
-    resumed run sees the same images as an uninterrupted one), images moved to the device, and a count
-    of unreadable files that stops the run once most files fail."""
+    """Epoch-wise iteration over a training set in optimizer steps of cfg.batch_size images: per process
+    batch_size / world images, in micro-batches of cfg.micro_batch (gradient accumulation makes up the rest);
+    a fresh seeded shuffle and augmentation stream each epoch (so a resumed run sees the same images as an
+    uninterrupted one); images moved to the device; a count of unreadable files that stops the run once most
+    files fail. Images past the last full step of an epoch are left out (drop_last, as MAE and DINO)."""
 
     def __init__(self, dataset, cfg, ctx):
-        self.accum = cfg.batch_size // (cfg.micro_batch * ctx.world)
-        if self.accum < 1 or self.accum * cfg.micro_batch * ctx.world != cfg.batch_size:
-            fail(f"--batch_size {cfg.batch_size} is not a multiple of --micro_batch {cfg.micro_batch} "
-                 f"x {ctx.world} processes; change one of them")
+        per_process = cfg.batch_size // ctx.world
+        if cfg.batch_size % ctx.world or per_process % cfg.micro_batch:
+            fail(f"--batch_size {cfg.batch_size} is not a multiple of --micro_batch {cfg.micro_batch} x {ctx.world} "
+                 "process(es); change one of them (or leave --micro_batch unset: it then divides the batch)")
+        self.accum = per_process // cfg.micro_batch
         self.sampler = torch.utils.data.DistributedSampler(
             dataset, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=cfg.seed, drop_last=True)
         self.generator = torch.Generator()
@@ -278,35 +305,49 @@ class Batches:
             pin_memory=ctx.device.type == "cuda", generator=self.generator)
         self.steps_per_epoch = len(self.loader) // self.accum
         if self.steps_per_epoch == 0:
-            fail(f"{len(dataset)} images make no full batch of {cfg.batch_size}; lower --batch_size")
-        self.seed, self.device, self.read, self.skipped = cfg.seed, ctx.device, 0, 0
+            fail(f"{len(dataset)} images make no full batch of --batch_size {cfg.batch_size}"
+                 f"{f' ({ctx.world} processes x {per_process})' if ctx.world > 1 else ''}; "
+                 f"pass --batch_size {len(dataset) // ctx.world * ctx.world} or less")
+        self.dataset, self.seed, self.device, self.read, self.skipped = dataset, cfg.seed, ctx.device, 0, 0
 
     def epoch(self, epoch):
+        """The epoch's optimizer steps, each a Step of `accum` micro-batches on the device."""
         self.sampler.set_epoch(epoch)
         self.generator.manual_seed(self.seed + 1000 * epoch)  # loader workers' augmentation seeds
-        try:
-            for images, _, skipped in self.loader:  # images: a tensor, or a list of crops (multi-crop)
-                self.read += len(skipped)
-                self.skipped += int(skipped.sum())  # a CPU tensor from the loader: no device sync
-                if self.skipped > max(self.read, 8):  # more unreadable files than readable ones
-                    fail(f"most images could not be read ({self.skipped} unreadable, {self.read} read); "
-                         "check the dataset")
-                if isinstance(images, (list, tuple)):  # crop-major: V tensors of (B, 3, h, w)
-                    yield [x.to(self.device, non_blocking=True) for x in images]
-                else:
-                    yield images.to(self.device, non_blocking=True)
-        except DataError as e:  # re-raised from a worker with a traceback: keep our sentence only
-            fail(str(e).strip().splitlines()[-1].split("DataError: ")[-1])
+        stream = self._micro_batches()
+        for _ in range(self.steps_per_epoch):
+            yield Step(stream, self.accum)
+        stream.close()  # shuts the loader's workers down now, not when garbage-collected
+
+    def _micro_batches(self):
+        for images, _, skipped in self.loader:  # images: a tensor, or a list of crops (multi-crop)
+            if int(skipped.min()) < 0:  # a CPU tensor from the loader: no device sync
+                index = -int(skipped.min()) - 1
+                fail(f"{ImageFolder.max_skips} images in a row could not be read (from "
+                     f"{self.dataset.samples[index][0]}); check the files under {self.dataset.root}")
+            self.read += len(skipped)
+            self.skipped += int(skipped.sum())
+            if self.skipped > max(self.read, 8):  # more unreadable files than readable ones
+                fail(f"most images could not be read ({self.skipped} unreadable, {self.read} read); check the dataset")
+            if isinstance(images, (list, tuple)):  # crop-major: V tensors of (B, 3, h, w)
+                yield [x.to(self.device, non_blocking=True) for x in images]
+            else:
+                yield images.to(self.device, non_blocking=True)
 
 
 # --- Distributed setup, seeding, precision ---------------------------------------------------------
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 @dataclasses.dataclass
 class Context:
-    """Where this process runs: rank, number of processes, device, autocast dtype."""
+    """Where this process runs: rank, number of processes, device, autocast dtype, and the gradient scaler
+    (active only for float16; a no-op otherwise)."""
     rank: int
     world: int
     device: torch.device
     dtype: torch.dtype
+    scaler: torch.amp.GradScaler
     main = property(lambda self: self.rank == 0)
 
     def autocast(self):  # reduced-precision autocast, or nothing for float32
@@ -314,24 +355,56 @@ class Context:
 
 
 def setup(cfg):
-    """torchrun's process group (nccl on CUDA, gloo on CPU) or none; device, dtype, seed + rank."""
+    """Process group under torchrun (nccl on CUDA, gloo on CPU), else none; device, dtype, seed + rank; the
+    output folder checked (a directory we can write) and cleared of a checkpoint half-written by a killed run."""
     want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", want):
+        fail(f"unknown --device {cfg.device}; choose auto, cpu, cuda or cuda:N")
     if want.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {cfg.device} but no GPU is visible; pass --device cpu")
+    dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if want.startswith("cuda") else "float32")
+    if dtype_name not in DTYPES:
+        fail(f"unknown --dtype {cfg.dtype}; choose auto, float32, bfloat16 or float16")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(want)
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if rank == 0:
+        prepare_output_dir(cfg.output_dir)
     if world > 1 and not distributed():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    if dtype_name not in names:
-        fail(f"unknown --dtype {cfg.dtype}; choose auto, float32, bfloat16 or float16")
+        init_process_group("nccl" if device.type == "cuda" else "gloo")
     seed_all(cfg.seed + rank)
-    return Context(rank, world, device, names[dtype_name])
+    scaler = torch.amp.GradScaler(device.type, enabled=DTYPES[dtype_name] == torch.float16)
+    return Context(rank, world, device, DTYPES[dtype_name], scaler)
+
+
+def prepare_output_dir(path):
+    """Create the output folder, check that we can write there, remove a stale checkpoint.pth.tmp."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(f"--output_dir {path} is a file; pass a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test_{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"cannot write to --output_dir {path} ({e.strerror}); pass a folder you can write to")
+    stale = os.path.join(path, "checkpoint.pth.tmp")
+    if os.path.exists(stale):  # a save killed mid-write: the last complete checkpoint.pth is intact
+        os.remove(stale)
+
+
+def init_process_group(backend):
+    """torchrun's process group, keyed by its restart count. A torchrun restart (--max-restarts) reuses the
+    agent's store, where the dead round's keys are still present: with the plain env:// init, restarted
+    workers read them and fail to connect (Gloo 'connectFullMesh failed', or a hang; the same with NCCL:
+    pytorch/pytorch#167288). A PrefixStore per restart gives every round a fresh namespace."""
+    store, rank, world = next(dist.rendezvous("env://"))
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"restart{restart}/", store), rank=rank, world_size=world)
 
 
 def seed_all(seed):  # python, numpy and torch (CPU and every GPU)
@@ -353,12 +426,31 @@ def all_reduce_mean(x):
     return x
 
 
+def all_gather(obj):
+    """Every process's obj, in rank order; [obj] without a process group."""
+    if not distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+DDP = torch.nn.parallel.DistributedDataParallel
+# Buffers (EMA teachers, centres, BatchNorm statistics) are kept equal on every rank by the methods themselves,
+# so DDP need not broadcast them before every forward (torch >= 2.13 names the switch forward_sync_buffers).
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})
+
+
 def wrap_ddp(model, ctx):
     """DistributedDataParallel when launched on several processes, else the model itself."""
     if ctx.world == 1:
         return model
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, broadcast_buffers=False)
+    return DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, **_NO_BUFFER_SYNC)
+
+
+def unwrap(ddp):
+    return ddp.module if isinstance(ddp, DDP) else ddp
 
 
 def compile_blocks(model):
@@ -370,14 +462,45 @@ def compile_blocks(model):
             m.compile()
 
 
+# --- One optimizer step ------------------------------------------------------------------------------
+def forward_backward(ddp, micro_batches, progress, ctx):
+    """Forward and backward of every micro-batch of one optimizer step; each loss is divided by their number,
+    so the gradients are those of the mean loss, and DDP all-reduces them only after the last (no_sync before).
+    -> {"loss": ..., **stats}, each the mean over the micro-batches (detached tensors: no host sync)."""
+    n, sums = len(micro_batches), {}
+    for i, batch in enumerate(micro_batches):
+        last = i == n - 1
+        with ddp.no_sync() if isinstance(ddp, DDP) and not last else nullcontext():
+            with ctx.autocast():
+                loss, stats = ddp(batch, progress)
+            ctx.scaler.scale(loss / n).backward()
+        for k, v in {"loss": loss, **stats}.items():
+            v = v.detach().float() / n
+            sums[k] = sums[k] + v if k in sums else v
+    return sums
+
+
+def epoch_at(progress, epochs):
+    """The epoch in progress at a point of training (progress = step / total steps in [0, 1)), for the schedules
+    that papers set once per epoch; the 1e-6 absorbs float rounding of step / total_steps * epochs."""
+    return min(int(progress * epochs + 1e-6), epochs - 1)
+
+
 # --- Optimisation ----------------------------------------------------------------------------------
-def cosine_schedule(base, final, total_steps, warmup_steps=0):
-    """Per-step values: linear warmup from 0, then half-cosine base -> final (MAE's rule; DINO's without warmup)."""
+def cosine_schedule(base, final, total_steps, warmup_steps=0, dino_warmup=False):
+    """Per-step values: a linear warm-up from 0, then a half-cosine from base to final over the other steps.
+    MAE's warm-up is base * step / W (util/lr_sched.py); DINO's is np.linspace(0, base, W) (utils.py,
+    cosine_scheduler), which reaches base at its last step. A warm-up longer than the run is cut off at the
+    end of the run, as MAE's per-iteration rule does (DINO's would fail an assertion)."""
     steps = np.arange(total_steps, dtype=np.float64)
-    warm = base * steps / max(warmup_steps, 1)
     t = (steps - warmup_steps) / max(total_steps - warmup_steps, 1)
-    cos = final + (base - final) * 0.5 * (1 + np.cos(np.pi * t))
-    return np.where(steps < warmup_steps, warm, cos)
+    values = final + (base - final) * 0.5 * (1 + np.cos(np.pi * t))
+    w = min(warmup_steps, total_steps)
+    if dino_warmup:
+        values[:w] = np.linspace(0, base, warmup_steps)[:w]
+    else:
+        values[:w] = base * steps[:w] / warmup_steps
+    return values
 
 
 def param_groups(model, weight_decay):
@@ -393,8 +516,10 @@ def adamw(model, lr, weight_decay, betas=(0.9, 0.95)):
 
 
 def set_lr(optimizer, lr):
+    """Every group's lr (a plain float: numpy scalars would not pass torch.load(weights_only)); returns it."""
     for group in optimizer.param_groups:
-        group["lr"] = float(lr)  # a plain float: numpy scalars would not pass torch.load(weights_only)
+        group["lr"] = float(lr)
+    return float(lr)
 
 
 # --- DINO machinery (MOKD, SCFS): multi-crop, head, centred loss, EMA --------------------------------
@@ -424,21 +549,23 @@ def resnet_features(net, x, stages=(4,)):
 
 
 class RandomBlur:
-    """PIL Gaussian blur with probability p, radius U(0.1, 2) (DINO's at 224 px) scaled by size / 224."""
-    def __init__(self, p, size):
-        self.p, self.scale = p, size / 224
+    """PIL Gaussian blur with probability p and a radius drawn from U(radius): DINO's GaussianBlur (utils.py),
+    U(0.1, 2) at every crop size, global and local alike."""
+    def __init__(self, p, radius=(0.1, 2.0)):
+        self.p, self.radius = p, radius
 
     def __call__(self, img):
         if float(torch.rand(())) >= self.p:
             return img
-        radius = (0.1 + 1.9 * float(torch.rand(()))) * self.scale
-        return img.filter(ImageFilter.GaussianBlur(radius))
+        low, high = self.radius
+        return img.filter(ImageFilter.GaussianBlur(low + (high - low) * float(torch.rand(()))))
 
 
 class MultiCrop:
-    """DINO's multi-crop: PIL image -> [global 1 (blur p 1), global 2 (blur .1, solarize .2), locals (blur .5)]."""
+    """DINO's multi-crop: PIL image -> [global 1 (blur p 1), global 2 (blur .1, solarize .2), locals (blur .5)].
+    blur_radius: the range of the blur radius in pixels (DINO: 0.1-2 for 224 and 96 px crops alike)."""
     def __init__(self, global_size=224, local_size=96, local_crops=8, global_scale=(0.4, 1.0),
-                 local_scale=(0.05, 0.4)):
+                 local_scale=(0.05, 0.4), blur_radius=(0.1, 2.0)):
         bicubic = transforms.InterpolationMode.BICUBIC
         colour = [transforms.RandomHorizontalFlip(0.5),
                   transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
@@ -446,10 +573,10 @@ class MultiCrop:
         norm = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         g_crop = transforms.RandomResizedCrop(global_size, scale=global_scale, interpolation=bicubic)
         l_crop = transforms.RandomResizedCrop(local_size, scale=local_scale, interpolation=bicubic)
-        self.global1 = transforms.Compose([g_crop, *colour, RandomBlur(1.0, global_size), *norm])
-        self.global2 = transforms.Compose([g_crop, *colour, RandomBlur(0.1, global_size),
+        self.global1 = transforms.Compose([g_crop, *colour, RandomBlur(1.0, blur_radius), *norm])
+        self.global2 = transforms.Compose([g_crop, *colour, RandomBlur(0.1, blur_radius),
                                            transforms.RandomSolarize(128, p=0.2), *norm])
-        self.local = transforms.Compose([l_crop, *colour, RandomBlur(0.5, local_size), *norm])
+        self.local = transforms.Compose([l_crop, *colour, RandomBlur(0.5, blur_radius), *norm])
         self.local_crops = local_crops
 
     def __call__(self, img):
@@ -549,9 +676,10 @@ def clip_per_tensor(parameters, max_norm):
     """DINO's clip_gradients: each gradient scaled by max_norm / (norm + 1e-6) where that is below 1, every
     tensor on its own (not a global norm); foreach norms, no host sync. NOTE(official): DINO also calls
     .item() on every norm. Returns the global norm before clipping (detached), for the log."""
+    parameters = list(parameters)
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
-        return torch.zeros(())
+        return torch.zeros((), device=parameters[0].device if parameters else None)
     norms = torch.stack(torch._foreach_norm(grads))  # (P,)
     if max_norm > 0:
         torch._foreach_mul_(grads, list((max_norm / (norms + 1e-6)).clamp(max=1.0).unbind()))
@@ -588,39 +716,61 @@ def export_state(model, encoder="encoder"):
     return {k.removeprefix(prefix): v for k, v in model.state_dict().items()}
 
 
+def mismatch(wanted, state, limit=3):
+    """What keeps `state` from loading into a model whose state dict is `wanted`, in one short sentence (the
+    counts and the first few names of missing, unexpected and wrong-shape keys), or '' if it fits."""
+    def names(keys):
+        return ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "")
+    missing = [k for k in wanted if k not in state]
+    unexpected = [k for k in state if k not in wanted]
+    shapes = [f"{k} {tuple(state[k].shape)} here {tuple(wanted[k].shape)}" for k in wanted
+              if k in state and (not torch.is_tensor(state[k]) or state[k].shape != wanted[k].shape)]
+    parts = [f"{len(keys)} {what} ({names(keys)})" for what, keys in
+             (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if keys]
+    return "; ".join(parts)
+
+
 def import_state(model, state, encoder="encoder"):
-    """Inverse of export_state: put the encoder's prefix back, then load strictly."""
-    own = set(model.state_dict())
+    """Inverse of export_state: put the encoder's prefix back, then load strictly (one-line error if it does not fit)."""
+    own = model.state_dict()
     state = {(k if k in own else f"{encoder}.{k}"): v for k, v in state.items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        fail(f"the checkpoint's weights do not fit this model ({str(e).splitlines()[1].strip()}); "
-             "resume with the same --model/--input_size/--patch_size, or use a fresh --output_dir")
+    problem = mismatch(own, state)
+    if problem:
+        plain = {k.removeprefix(encoder + "."): v for k, v in own.items()}  # report under the checkpoint's names
+        problem = mismatch(plain, {k.removeprefix(encoder + "."): v for k, v in state.items()})
+        fail(f"the checkpoint's weights do not fit this model: {problem}; resume with the same model settings "
+             "(--model, --input_size, --patch_size, ...) or use a fresh --output_dir")
+    model.load_state_dict(state)
 
 
-def save_checkpoint(path, method, model, optimizer, epoch, cfg, scaler=None, encoders=None):
-    """Rank 0 writes {method, model, optimizer, epoch (the next one), config, rng (one per rank)}; encoders
-    {name: (module, arch)} adds encoders[name] = {arch, state} (torchvision / timm names) for eval_linear."""
-    rngs = [rng_state()]
-    if distributed():
-        rngs = [None] * dist.get_world_size()
-        dist.all_gather_object(rngs, rng_state())
-    if not distributed() or dist.get_rank() == 0:
+def save_checkpoint(cfg, method, model, optimizer, epoch, ctx, encoders=None):
+    """Rank 0 writes output_dir/checkpoint.pth: {method, model, optimizer, epoch (the next one), config, rng (one
+    per rank), scaler}; encoders {name: (module, arch)} adds encoders[name] = {arch, state} (torchvision / timm
+    names) for eval_linear. Written to a temporary file, flushed to disk, then renamed: a crash or a power loss
+    leaves the previous checkpoint or this one, never a torn or empty file."""
+    rngs = all_gather(rng_state())
+    if ctx.main:
         state = {"method": method, "model": export_state(model), "optimizer": optimizer.state_dict(),
-                 "epoch": epoch, "config": dataclasses.asdict(cfg), "rng": rngs,
-                 "scaler": scaler.state_dict() if scaler is not None else None}
+                 "epoch": epoch, "config": dataclasses.asdict(cfg), "rng": rngs, "scaler": ctx.scaler.state_dict()}
         if encoders:
             state["encoders"] = {k: {"arch": arch, "state": m.state_dict()} for k, (m, arch) in encoders.items()}
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)  # a crash mid-write never leaves a half-written checkpoint
+        path = os.path.join(cfg.output_dir, "checkpoint.pth")
+        with open(path + ".tmp", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        folder = os.open(cfg.output_dir, os.O_RDONLY)  # the rename itself reaches the disk
+        os.fsync(folder)
+        os.close(folder)
     if distributed():
         dist.barrier()
 
 
 def load_checkpoint(path, method=None):
-    """Load safely (weights_only: a checkpoint cannot run code) and check it came from `method`."""
+    """Load safely (weights_only: a checkpoint cannot run code), check its layout, and that it came from `method`."""
+    if os.path.isdir(path):
+        fail(f"checkpoint {path} is a folder; pass the checkpoint.pth inside it")
     if not os.path.isfile(path):
         fail(f"checkpoint {path} does not exist; check the path")
     try:
@@ -628,33 +778,110 @@ def load_checkpoint(path, method=None):
     except Exception as e:
         fail(f"cannot read checkpoint {path} ({type(e).__name__}); it is damaged or was not written by "
              "one of our training scripts")
-    if not isinstance(ckpt, dict) or "method" not in ckpt or "model" not in ckpt:
-        fail(f"{path} is not a checkpoint of ours (no 'method'/'model' entries); pass a checkpoint.pth "
-             "written by one of our training scripts")
-    if method is not None and ckpt["method"] != method:
+    if method is not None and isinstance(ckpt, dict) and isinstance(ckpt.get("method"), str) and ckpt["method"] != method:
         fail(f"{path} was written by {ckpt['method']}.py, not {method}.py; "
              "use a fresh --output_dir or the matching script")
+    layout = {"method": str, "model": dict, "epoch": int, "config": dict}
+    bad = [k for k, kind in layout.items() if not isinstance(ckpt, dict) or not isinstance(ckpt.get(k), kind)]
+    encoders = ckpt.get("encoders") if isinstance(ckpt, dict) else None
+    if encoders is not None and not (isinstance(encoders, dict) and all(
+            isinstance(e, dict) and isinstance(e.get("state"), dict) and isinstance(e.get("arch"), dict)
+            and isinstance(e["arch"].get("model"), str) for e in encoders.values())):
+        bad.append("encoders")
+    if bad:
+        fail(f"{path} is not a checkpoint of ours (no valid {', '.join(bad)}); pass a checkpoint.pth written by "
+             "one of our training scripts")
     return ckpt
 
 
-def resume(cfg, method, model, optimizer, ctx, scaler=None):
-    """Auto-resume from --resume or output_dir/checkpoint.pth; returns the epoch to start from."""
+def load_encoder(path, name=""):
+    """The encoder of one of our checkpoints, for evaluation and fine-tuning: ckpt["encoders"][name] when the method
+    saved several (MOKD: cnn, vit), else the one stored at the top level of its model, built from its config.
+    -> (encoder in eval mode, ckpt, arch); arch = {model, input_size, patch_size (ViT) / cifar_stem (ResNet)}."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("encoders"):
+        names = sorted(ckpt["encoders"])
+        if not name and len(names) > 1:
+            fail(f"{path} holds the encoders {', '.join(names)}; pick one with --encoder")
+        name = name or names[0]
+        if name not in ckpt["encoders"]:
+            fail(f"{path} has no encoder {name!r}; pass --encoder {' or '.join(names)}")
+        arch, state = ckpt["encoders"][name]["arch"], ckpt["encoders"][name]["state"]
+    else:
+        cfg = ckpt["config"]
+        arch = {"model": cfg.get("model"), "input_size": cfg.get("input_size"), "patch_size": cfg.get("patch_size", 16),
+                "cifar_stem": cfg.get("cifar_stem", False)}
+        state = ckpt["model"]
+    vit_arch = isinstance(arch["model"], str) and arch["model"] in VIT_SIZES
+    sizes_ok = isinstance(arch.get("input_size"), int) and (not vit_arch or isinstance(arch.get("patch_size"), int))
+    if not sizes_ok or not (vit_arch or hasattr(torchvision.models, str(arch["model"]))):
+        fail(f"{path} names no encoder we can build (model {arch['model']!r}, input size {arch.get('input_size')!r}); "
+             "pass a checkpoint written by one of our training scripts")
+    if vit_arch:
+        encoder = vit(arch["model"], arch["input_size"], arch["patch_size"])
+    else:
+        encoder = resnet(arch["model"], arch.get("cifar_stem", False))
+    wanted = encoder.state_dict()
+    problem = mismatch(wanted, {k: v for k, v in state.items() if k in wanted})
+    if problem:
+        fail(f"{path} has no complete {arch['model']} encoder ({problem}); pass a checkpoint written by one of our "
+             "training scripts")
+    encoder.load_state_dict({k: state[k] for k in wanted})
+    return encoder.eval(), ckpt, arch
+
+
+def resume(cfg, method, model, optimizer, ctx):
+    """Continue from --resume, or from output_dir/checkpoint.pth if it exists; returns the epoch to start from.
+    Every rank must find the same checkpoint (else the output folder is not shared: all ranks stop before any
+    step). The checkpoint's config must match this run's, apart from the settings TrainConfig.free_on_resume
+    lists; an explicit --resume continues with the new settings and prints what changed. A run that has
+    already trained cfg.epochs epochs exits 0 without training."""
     path = cfg.resume or os.path.join(cfg.output_dir, "checkpoint.pth")
-    if not cfg.resume and not os.path.exists(path):
+    ckpt = load_checkpoint(path, method) if os.path.exists(path) or cfg.resume else None
+    views = all_gather((socket.gethostname(), ckpt["epoch"] if ckpt else None))
+    if any(epoch != views[0][1] for _, epoch in views):
+        r, (host, epoch) = next((r, v) for r, v in enumerate(views) if v[1] != views[0][1])
+        def sees(e):
+            return "no checkpoint" if e is None else f"a checkpoint at epoch {e}"
+        message = (f"rank {r} on {host} sees {sees(epoch)} at {path}, rank 0 on {views[0][0]} sees "
+                   f"{sees(views[0][1])}; the output folder must be on a filesystem all nodes share "
+                   "(or pass --resume with a path every node can read)")
+        if not ctx.main:
+            sys.exit(1)  # the line comes from rank 0
+        fail(message)
+    if ckpt is None:
         return 0
-    ckpt = load_checkpoint(path, method)
+    old, new = ckpt["config"], dataclasses.asdict(cfg)
+    changed = [f"--{k} {old[k]} (now {v})" for k, v in new.items()
+               if k in old and k not in cfg.free_on_resume and old[k] != v]
+    if changed and not cfg.resume:
+        fail(f"{path} was trained with other settings: {', '.join(changed)}; pass a new --output_dir for a fresh "
+             f"run, or --resume {path} to continue it with the new settings")
+    if ckpt["epoch"] >= cfg.epochs:
+        if ctx.main:
+            print(f"{path} has already trained {ckpt['epoch']} epochs and --epochs is {cfg.epochs}: nothing to "
+                  "train (pass a larger --epochs to train on)", file=sys.stderr)
+        sys.exit(0)
+    missing = [k for k in ("optimizer", "rng") if k not in ckpt]
+    if missing:
+        fail(f"{path} has no {' or '.join(missing)} state to resume from; start a fresh --output_dir")
     import_state(model, ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if scaler is not None and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"the optimizer state in {path} does not fit this model ({e}); use a fresh --output_dir")
+    if ckpt.get("scaler"):
+        ctx.scaler.load_state_dict(ckpt["scaler"])
     rngs = ckpt["rng"]
     if len(rngs) == ctx.world:
         set_rng_state(rngs[ctx.rank])
     else:  # another world size: a fresh, distinct stream per rank
         seed_all(cfg.seed + ctx.rank + 7919 * ckpt["epoch"])
     if ctx.main:
+        if changed:
+            print(f"resuming {path} with changed settings: {', '.join(changed)}", file=sys.stderr)
         print(f"resumed from {path}: epoch {ckpt['epoch']} of {cfg.epochs}", file=sys.stderr)
-    return ckpt["epoch"]  # NOTE(official): the next epoch itself; the official code adds 1 again
+    return ckpt["epoch"]  # NOTE(official): the next epoch itself; MAE-based code adds 1 again and skips an epoch
 
 
 # --- Logging ---------------------------------------------------------------------------------------
@@ -666,39 +893,67 @@ def peak_memory_gib(device):
 
 
 class Logger:
-    """Rank 0: tqdm bar, log line + output_dir/log.jsonl every log_every steps (the only .item())."""
+    """A progress bar over the run's optimizer steps (its label says the epoch) and, at the run's first step
+    and every cfg.log_every steps, a log line and a JSON record in output_dir/log.jsonl. A logged value is the
+    mean over the steps since the last line of each step's value, itself the mean over the step's micro-batches
+    (common.forward_backward), averaged over all processes: one all-reduce and one host sync per log line,
+    none per step. Every process calls step(); rank 0 writes. At start, config.json is written and log records
+    from a step this run will train again (after a resume, or a fresh start over an old log) are dropped."""
 
-    def __init__(self, cfg, ctx, total_steps, start_step, images_per_step):
-        self.ctx, self.every, self.images_per_step = ctx, cfg.log_every, images_per_step
+    def __init__(self, cfg, ctx, steps_per_epoch, start_epoch):
+        self.ctx, self.every, self.epochs, self.steps_per_epoch = ctx, cfg.log_every, cfg.epochs, steps_per_epoch
+        self.images_per_step, self.first = cfg.batch_size, start_epoch * steps_per_epoch
         self.path = os.path.join(cfg.output_dir, "log.jsonl")
         self.sums, self.count, self.t0 = {}, 0, time.perf_counter()
-        self.bar = tqdm(total=total_steps, initial=start_step, disable=not ctx.main, dynamic_ncols=True)
+        self.bar = progress_bar(total=cfg.epochs * steps_per_epoch, initial=self.first, disable=not ctx.main,
+                                desc=f"epoch {start_epoch + 1}/{cfg.epochs}")
         if ctx.main:
-            os.makedirs(cfg.output_dir, exist_ok=True)
             with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
                 json.dump(dataclasses.asdict(cfg), f, indent=1)
+            self._drop_records_from(self.first)
+
+    def _drop_records_from(self, step):
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line).get("step", -1) < step]
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(self.path + ".tmp", self.path)  # atomic: a kill leaves the old log or the new one
 
     def info(self, message):
         if self.ctx.main:
             self.bar.write(message)
 
-    def step(self, step, epoch, lr, loss, stats):
+    def warmups(self, **epochs):
+        """One line naming the warm-ups (name=epochs) longer than the run: they are cut off at its end."""
+        cut = [f"{name.replace('_', ' ')} ({e} epochs)" for name, e in epochs.items() if e > self.epochs]
+        if cut:
+            self.info(f"warm-up longer than the {self.epochs}-epoch run, cut off at its end: {', '.join(cut)}")
+
+    def step(self, step, lr, stats):
+        """Record one optimizer step's stats (detached tensors, e.g. from forward_backward)."""
+        epoch = step // self.steps_per_epoch
+        if step % self.steps_per_epoch == 0:
+            self.bar.set_description(f"epoch {epoch + 1}/{self.epochs}", refresh=False)
         self.bar.update(1)
-        for k, v in {"loss": loss, **stats}.items():
-            v = v.detach().float()
+        for k, v in stats.items():
+            v = v.detach().float().to(self.ctx.device)
             self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.count += 1
-        if self.count < self.every and step + 1 < self.bar.total:
+        if self.count < self.every and step != self.first and step + 1 < self.bar.total:
             return
-        values = {k: v.item() / self.count for k, v in self.sums.items()}  # the one host sync
+        keys = sorted(self.sums)  # the same order on every rank
+        means = all_reduce_mean(torch.stack([self.sums[k] for k in keys]) / self.count)
+        values = dict(zip(keys, means.tolist()))  # the one host sync
         if not math.isfinite(values["loss"]):
             fail(f"the loss became {values['loss']} within steps {step + 1 - self.count}..{step}; "
-                 "lower --blr or check the data")
+                 "lower the learning rate or check the data")
         seconds = time.perf_counter() - self.t0
         record = {"step": step, "epoch": epoch, "lr": lr, **values, "peak_mem_gib": peak_memory_gib(self.ctx.device),
                   "img_per_s": self.count * self.images_per_step / seconds}
         if self.ctx.main:
-            self.bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
+            self.bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}", refresh=False)
             self.bar.write(f"epoch {epoch} step {step}: " + " ".join(
                 f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "epoch")))
             with open(self.path, "a") as f:
@@ -710,21 +965,86 @@ class Logger:
 
 
 # --- Config: a dataclass becomes --flags; its field comments become --help -------------------------
+@dataclasses.dataclass
+class TrainConfig:
+    """The settings this file reads (setup, Batches, Logger, save_checkpoint, resume). Every training program's
+    Config extends it, redeclaring a field where its own default differs (the paper's epochs and batch size)."""
+    data_path: str = ""  # ImageFolder of training images (one sub-folder per class), or the word cifar10
+    data_root: str = "./data"  # where --data_path cifar10 is downloaded to
+    output_dir: str = "./output"  # checkpoint.pth, log.jsonl, config.json; rerun the same command to resume
+    epochs: int = 100  # training epochs
+    batch_size: int = 256  # global batch over all processes and accumulation steps (the paper's number)
+    micro_batch: int = 64  # per-process batch; if not given, the largest divisor of the per-process batch up to this
+    num_workers: int = 10  # data loader processes per device; if not given, at most the CPU cores per process
+    seed: int = 0  # each process uses seed + rank
+    device: str = "auto"  # auto (cuda if available), cpu, cuda or cuda:N
+    dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16
+    compile: bool = False  # torch.compile the repeated blocks (transformer blocks; ResNet stages)
+    resume: str = ""  # checkpoint to continue, even with changed settings; default: output_dir/checkpoint.pth
+    log_every: int = 50  # optimizer steps between log lines (the first step is always logged)
+
+    # The allowed range of every numeric field, in interval notation; parse_config checks them all.
+    limits: ClassVar[dict] = {"epochs": "[1, inf)", "batch_size": "[1, inf)", "micro_batch": "[1, inf)",
+                              "num_workers": "[0, inf)", "seed": "[0, 2147483647]", "log_every": "[1, inf)"}
+    # Settings a resumed run may change: they do not change what is trained (more --epochs extends the run).
+    free_on_resume: ClassVar[frozenset] = frozenset({
+        "data_root", "output_dir", "epochs", "micro_batch", "num_workers", "device", "dtype", "compile", "resume",
+        "log_every"})
+
+
+def in_range(value, interval):
+    """Is value in an interval written as '[a, b)', '(0, 1]', '[1, inf)'?"""
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return above and below
+
+
+def largest_divisor(n, cap):
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
 def parse_config(cls, argv=None):
-    """Fields of `cls` become --flags (bools: --no-x); --preset loads new defaults, explicit flags win."""
-    source = inspect.getsource(cls)
-    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", source, flags=re.M))
+    """Fields of `cls` become --flags (bools: --no-x); --preset loads new defaults (shown by --help), explicit
+    flags win; every numeric field is checked against the ranges in `limits`. For a TrainConfig, a micro-batch
+    or worker count not given on the command line follows the batch size and the cores (torchrun's WORLD_SIZE
+    and LOCAL_WORLD_SIZE are read here): the default is a cap, an explicit value is kept and checked."""
+    klasses = [k for k in reversed(cls.__mro__) if dataclasses.is_dataclass(k)]
+    comments, limits = {}, {}
+    for k in klasses:
+        comments.update(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(k), flags=re.M))
+        limits.update(k.__dict__.get("limits", {}))
+    presets = getattr(cls, "presets", {})
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset", choices=sorted(presets) if presets else None)
+    preset_name = first.parse_known_args(argv)[0].preset
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)} | presets.get(preset_name, {})
     parser = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    presets = getattr(cls, "presets", {})
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), help="a recipe sized for a smaller setting")
     for f in dataclasses.fields(cls):
         kind = type(f.default)
         extra = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
-        parser.add_argument(f"--{f.name}", default=None, help=f"{comments.get(f.name, '')} (default: {f.default})",
-                            **extra)
-    args = vars(parser.parse_args(argv))
-    values = dict(presets.get(args.pop("preset", None), {}))
-    values.update({k: v for k, v in args.items() if v is not None})
+        source = f"preset {preset_name}" if preset_name and f.name in presets[preset_name] else "default"
+        parser.add_argument(f"--{f.name}", default=None, **extra,
+                            help=f"{comments.get(f.name, '')} ({source}: {defaults[f.name]})".replace("%", "%%"))
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and k != "preset"}
+    values = {**defaults, **given}
+    for name, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if name not in limits:
+                raise TypeError(f"{cls.__name__}.{name} has no range in `limits`")
+            if not in_range(value, limits[name]):
+                fail(f"--{name} {value} is out of range; pass a value in {limits[name]}")
+    if issubclass(cls, TrainConfig):
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if values["batch_size"] % world:
+            fail(f"--batch_size {values['batch_size']} does not split over {world} processes; pass a multiple of {world}")
+        if "micro_batch" not in given:
+            values["micro_batch"] = largest_divisor(values["batch_size"] // world, values["micro_batch"])
+        if "num_workers" not in given:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            per_process = max(cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
+            values["num_workers"] = min(values["num_workers"], per_process)
     return cls(**values)

@@ -6,8 +6,6 @@ token's loss is weighted by its similarity to [CLS] in a gradient-free pass over
 Paper: arXiv 2309.03576.  Run: torchrun --nproc_per_node=8 droppos.py --data_path /imagenet/train
 Shapes: B batch, N patches on a G x G grid, K visible, D encoder width, Dd decoder width.
 To reuse: copy this file and common.py."""
-import os
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -21,9 +19,7 @@ from common import Block, gather_tokens
 
 # --- config ---------------------------------------------------------------------------------------
 @dataclass
-class Config:
-    data_path: str = ""  # ImageFolder of training images (one sub-folder per class), or the word cifar10
-    data_root: str = "./data"  # where --data_path cifar10 is downloaded to
+class Config(common.TrainConfig):
     output_dir: str = "./output_droppos"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
     model: str = "vit_base"  # encoder: vit_tiny, vit_small, vit_base, vit_large (paper: ViT-B/16, ViT-L/16)
     input_size: int = 224  # image side in pixels
@@ -46,14 +42,12 @@ class Config:
     min_lr: float = 0.0  # end of the cosine decay (upstream main_pretrain.py)
     weight_decay: float = 0.05  # AdamW, betas (0.9, 0.95); no decay on biases and norms (upstream main_pretrain.py)
     clip_grad: float = 5.0  # clip each parameter's gradient norm on its own, DINO-style (upstream utils.py); 0: off
-    num_workers: int = 10  # data loader processes per device
-    seed: int = 0  # each process uses seed + rank
-    device: str = "auto"  # auto (cuda if available), cuda or cpu
-    dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16
-    compile: bool = False  # torch.compile each transformer block
-    resume: str = ""  # checkpoint to resume from; default: output_dir/checkpoint.pth if it exists
-    log_every: int = 50  # optimizer steps between log lines
 
+    limits: ClassVar[dict] = {
+        "input_size": "[1, inf)", "patch_size": "[1, inf)", "drop_path": "[0, 1)", "decoder_dim": "[1, inf)",
+        "decoder_depth": "[1, inf)", "decoder_heads": "[1, inf)", "mask_ratio": "(0, 1)", "pos_mask_ratio": "(0, 1)",
+        "sigma": "[0, inf)", "warmup_epochs": "[0, inf)", "blr": "(0, inf)", "min_lr": "[0, inf)",
+        "weight_decay": "[0, inf)", "clip_grad": "[0, inf)"}
     presets: ClassVar[dict] = {
         # ViT-Tiny/4 at 32 px (8 x 8 grid: 16 visible, 4 keep their PE, 12 dropped), every ratio, sigma0
         # and tau as upstream (the small-scale setting itself is our choice).
@@ -157,8 +151,7 @@ class DropPos(nn.Module):
         official engine_pretrain.py). Never 0 while training: the last epoch has sigma0 / E."""
         if not self.sigma_decay:
             return self.sigma0
-        epoch = min(int(progress * self.epochs + 1e-6), self.epochs - 1)
-        return (1 - epoch / float(self.epochs)) * self.sigma0
+        return (1 - common.epoch_at(progress, self.epochs) / float(self.epochs)) * self.sigma0
 
     @torch.no_grad()
     def attention_weights(self, imgs, ids_keep):
@@ -206,64 +199,67 @@ class DropPos(nn.Module):
 def build(cfg):
     """The model of a config (used by main, bench.py and the tests)."""
     encoder = common.vit(cfg.model, cfg.input_size, cfg.patch_size, cfg.drop_path)
+    num_visible = int(encoder.num_patches * (1 - cfg.mask_ratio))
+    if num_visible < 1 or int(num_visible * (1 - cfg.pos_mask_ratio)) >= num_visible:
+        common.fail(f"--mask_ratio {cfg.mask_ratio} --pos_mask_ratio {cfg.pos_mask_ratio} leave {num_visible} visible "
+                    f"patches of {encoder.num_patches}, none without its position; lower the ratios (paper: 0.75, 0.75)")
     if cfg.official_smoothing and cfg.patch_size < encoder.grid:
         common.fail(f"--official_smoothing builds upstream's {cfg.patch_size} x {cfg.patch_size} map, too small for "
                     f"the {encoder.grid} x {encoder.grid} grid (upstream crashes too); drop the flag")
-    return DropPos(encoder, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.mask_ratio,
-                   cfg.pos_mask_ratio, cfg.sigma, cfg.sigma_decay, cfg.attn_guide, cfg.epochs,
-                   cfg.official_smoothing)
+    return DropPos(encoder, decoder_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth,
+                   decoder_heads=cfg.decoder_heads, mask_ratio=cfg.mask_ratio, pos_mask_ratio=cfg.pos_mask_ratio,
+                   sigma=cfg.sigma, sigma_decay=cfg.sigma_decay, attn_guide=cfg.attn_guide, epochs=cfg.epochs,
+                   official_smoothing=cfg.official_smoothing)
 
 
-def train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, progress, epoch):
-    """One optimizer step over `accum` micro-batches from `stream` (also timed by bench.py)."""
-    for micro in range(accum):
-        images = next(stream)
-        # gradients are all-reduced only on the last micro-batch of a step
-        with ddp.no_sync() if ctx.world > 1 and micro < accum - 1 else nullcontext():
-            with ctx.autocast():
-                loss, stats = ddp(images, progress)
-            scaler.scale(loss / accum).backward()
-    scaler.unscale_(optimizer)
+def make_optimizer(model, cfg, steps_per_epoch):
+    """AdamW and its per-step lr (MAE's: warm-up, then cosine); schedule(step) sets the lr and returns it."""
+    lr = cfg.blr * cfg.batch_size / 256
+    lrs = common.cosine_schedule(lr, cfg.min_lr, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch)
+    optimizer = common.adamw(model, lr, cfg.weight_decay)
+    return optimizer, lambda step: common.set_lr(optimizer, lrs[step])
+
+
+def train_step(ddp, optimizer, micro_batches, progress, cfg, ctx):
+    """One optimizer step over a Step of micro-batches (also timed by bench.py). -> the step's stats."""
+    model = common.unwrap(ddp)
+    stats = common.forward_backward(ddp, micro_batches, progress, ctx)  # means over the micro-batches
+    ctx.scaler.unscale_(optimizer)
     stats["grad_norm"] = common.clip_per_tensor(model.parameters(), cfg.clip_grad)  # method-specific
-    scaler.step(optimizer)
-    scaler.update()
+    ctx.scaler.step(optimizer)
+    ctx.scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss, stats
+    return stats
 
 
 def main(cfg):
     ctx = common.setup(cfg)
+    model = build(cfg).to(ctx.device)  # method-specific
     dataset = common.image_dataset(cfg.data_path, common.mae_transform(cfg.input_size), cfg.data_root)
     batches = common.Batches(dataset, cfg, ctx)
-    steps_per_epoch, accum = batches.steps_per_epoch, batches.accum
-
-    model = build(cfg).to(ctx.device)  # method-specific
-    lr = cfg.blr * cfg.batch_size / 256
-    optimizer = common.adamw(model, lr, cfg.weight_decay)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
-    start_epoch = common.resume(cfg, "droppos", model, optimizer, ctx, scaler)
+    steps_per_epoch, total_steps = batches.steps_per_epoch, cfg.epochs * batches.steps_per_epoch
+    optimizer, schedule = make_optimizer(model, cfg, steps_per_epoch)
+    start_epoch = common.resume(cfg, "droppos", model, optimizer, ctx)
     if cfg.compile:
         common.compile_blocks(model)
     ddp = common.wrap_ddp(model, ctx)
-    total_steps = cfg.epochs * steps_per_epoch
-    lrs = common.cosine_schedule(lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch)
-    log = common.Logger(cfg, ctx, total_steps, start_epoch * steps_per_epoch, cfg.batch_size)
+    log = common.Logger(cfg, ctx, steps_per_epoch, start_epoch)
     log.info(f"droppos: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable "
-             f"params; lr {lr:.3g} = blr {cfg.blr:g} x {cfg.batch_size} / 256; {ctx.world} process(es) x "
-             f"{accum} micro-batch(es) of {cfg.micro_batch}; {steps_per_epoch} steps/epoch; {ctx.device}, {ctx.dtype}")
+             f"params; lr {cfg.blr * cfg.batch_size / 256:.3g} = blr {cfg.blr:g} x {cfg.batch_size} / 256; "
+             f"{ctx.world} process(es) x {batches.accum} micro-batch(es) of {cfg.micro_batch}; "
+             f"{steps_per_epoch} steps/epoch; {ctx.device}, {ctx.dtype}")
     log.info(f"droppos: {model.num_visible} of {model.encoder.num_patches} patches visible, "  # method-specific
              f"{model.num_visible - model.num_keep_pos} of them without their position")
+    log.warmups(lr=cfg.warmup_epochs)
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        stream = batches.epoch(epoch)
-        for it in range(steps_per_epoch):
+        for it, micro_batches in enumerate(batches.epoch(epoch)):
             step = epoch * steps_per_epoch + it
-            common.set_lr(optimizer, lrs[step])
-            loss, stats = train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, step / total_steps, epoch)
-            log.step(step, epoch, lrs[step], loss, stats)
-        common.save_checkpoint(os.path.join(cfg.output_dir, "checkpoint.pth"), "droppos", model, optimizer,
-                               epoch + 1, cfg, scaler)
+            lr = schedule(step)
+            stats = train_step(ddp, optimizer, micro_batches, step / total_steps, cfg, ctx)
+            log.step(step, lr, stats)
+        common.save_checkpoint(cfg, "droppos", model, optimizer, epoch + 1, ctx)
     log.close()
     return model
 

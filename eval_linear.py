@@ -7,6 +7,7 @@ The last line printed is JSON with knn_top1 and linear_top1 (percent)."""
 import json
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -31,6 +32,10 @@ class Config:
     seed: int = 0  # linear-probe initialisation and shuffling
     encoder: str = ""  # which encoder of a multi-encoder checkpoint (MOKD: cnn or vit); default: the only one
 
+    limits: ClassVar[dict] = {"batch_size": "[1, inf)", "num_workers": "[0, inf)", "limit": "[0, inf)",
+                              "knn_k": "[1, inf)", "knn_temperature": "(0, inf)", "probe_epochs": "[1, inf)",
+                              "probe_lr": "(0, inf)", "seed": "[0, 2147483647]"}
+
 
 def eval_transform(size):
     """Resize + centre crop (ImageNet's 256/224 ratio; none for small images), normalise."""
@@ -40,45 +45,13 @@ def eval_transform(size):
         transforms.ToTensor(), transforms.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])
 
 
-def load_encoder(path, name=""):
-    """The encoder of a checkpoint: ckpt["encoders"][name] when the method saved several (MOKD), else the
-    one stored at the top level of its model, built from its config. -> (encoder, ckpt, input size);
-    ckpt["arch"] says what was loaded."""
-    ckpt = common.load_checkpoint(path)
-    if ckpt.get("encoders"):
-        names = sorted(ckpt["encoders"])
-        if not name and len(names) > 1:
-            common.fail(f"{path} holds the encoders {', '.join(names)}; pick one with --encoder")
-        name = name or names[0]
-        if name not in ckpt["encoders"]:
-            common.fail(f"{path} has no encoder {name!r}; pass --encoder {' or '.join(names)}")
-        arch, state = ckpt["encoders"][name]["arch"], ckpt["encoders"][name]["state"]
-    else:
-        cfg = ckpt["config"]
-        arch = {"model": cfg["model"], "input_size": cfg["input_size"], "patch_size": cfg.get("patch_size", 16),
-                "cifar_stem": cfg["input_size"] <= 64}
-        state = ckpt["model"]
-    if arch["model"].startswith("vit"):
-        encoder = common.vit(arch["model"], arch["input_size"], arch["patch_size"])
-    else:
-        encoder = common.resnet(arch["model"], arch.get("cifar_stem", False))
-    wanted = encoder.state_dict()
-    missing = [k for k in wanted if k not in state]
-    if missing:
-        common.fail(f"{path} has no {arch['model']} encoder weights (missing {missing[0]}, ...); "
-                    "pass a checkpoint written by one of our training scripts")
-    encoder.load_state_dict({k: state[k] for k in wanted})
-    ckpt["arch"] = arch
-    return encoder.eval(), ckpt, arch["input_size"]
-
-
 @torch.no_grad()
-def extract(encoder, dataset, cfg, device):
+def extract(encoder, dataset, cfg, device, name="images"):
     """-> features (n, D) float32 and labels (n,), on the CPU."""
     loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, num_workers=cfg.num_workers)
     feats, labels = [], []
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    for images, y, _ in loader:
+    for images, y, _ in common.progress_bar(iterable=loader, desc=f"features of {name}", unit="batch", leave=False):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = encoder(images.to(device, non_blocking=True))
         out = out[:, 0] if out.ndim == 3 else out  # ViT: cls token after the final norm
@@ -118,6 +91,7 @@ def linear_top1(train_x, train_y, test_x, test_y, num_classes, cfg):
     opt = torch.optim.SGD(head.parameters(), lr=cfg.probe_lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     step = 0
+    bar = common.progress_bar(total=steps, desc="linear probe", unit="step", leave=False)
     while step < steps:
         for idx in torch.randperm(len(train_x)).split(batch):
             if len(idx) < 2 or step >= steps:  # BatchNorm needs two samples
@@ -128,6 +102,8 @@ def linear_top1(train_x, train_y, test_x, test_y, num_classes, cfg):
             opt.step()
             sched.step()
             step += 1
+            bar.update(1)
+    bar.close()
     head.eval()
     with torch.no_grad():
         return 100.0 * (head(test_x).argmax(1) == test_y).float().mean().item()
@@ -137,7 +113,7 @@ def main(cfg):
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if not cfg.checkpoint:
         common.fail("no --checkpoint given; pass the checkpoint.pth of a training run")
-    encoder, ckpt, size = load_encoder(cfg.checkpoint, cfg.encoder)
+    encoder, ckpt, arch = common.load_encoder(cfg.checkpoint, cfg.encoder)
     encoder.to(device)
     val_dir = next((os.path.join(cfg.data_path, d) for d in ("val", "test")
                     if os.path.isdir(os.path.join(cfg.data_path, d))), None)
@@ -145,15 +121,15 @@ def main(cfg):
         common.fail(f"--data_path {cfg.data_path!r} must hold train/ and val/ (or test/) ImageFolders")
     splits = {}
     for name, path in (("train", os.path.join(cfg.data_path, "train")), ("val", val_dir)):
-        dataset = common.image_dataset(path, eval_transform(size))
-        splits[name] = extract(encoder, subset(dataset, cfg.limit), cfg, device)
+        dataset = common.image_dataset(path, eval_transform(arch["input_size"]))
+        splits[name] = extract(encoder, subset(dataset, cfg.limit), cfg, device, name)
         num_classes = len(dataset.classes)
     (train_x, train_y), (val_x, val_y) = splits["train"], splits["val"]
     result = {"checkpoint": cfg.checkpoint, "method": ckpt["method"], "epoch": ckpt["epoch"],
-              "model": ckpt["arch"]["model"], "train_images": len(train_x), "val_images": len(val_x),
+              "model": arch["model"], "train_images": len(train_x), "val_images": len(val_x),
               "knn_top1": knn_top1(train_x, train_y, val_x, val_y, cfg.knn_k, cfg.knn_temperature, num_classes),
               "linear_top1": linear_top1(train_x, train_y, val_x, val_y, num_classes, cfg)}
-    print(json.dumps(result))
+    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}))
     return result
 
 

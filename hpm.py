@@ -6,8 +6,6 @@ Paper: arXiv 2304.05919 (TPAMI: 2312.13714).  Run: torchrun --nproc_per_node=8 h
 Shapes: B batch, N patches, K kept (visible), M masked, D encoder width, Dd decoder width, P = patch*patch*3.
 To reuse: copy this file and common.py."""
 import copy
-import os
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -21,9 +19,7 @@ from common import Block, gather_tokens, patchify
 
 # --- config ---------------------------------------------------------------------------------------
 @dataclass
-class Config:
-    data_path: str = ""  # ImageFolder of training images (one sub-folder per class), or the word cifar10
-    data_root: str = "./data"  # where --data_path cifar10 is downloaded to
+class Config(common.TrainConfig):
     output_dir: str = "./output_hpm"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
     model: str = "vit_base"  # encoder: vit_tiny, vit_small, vit_base, vit_large (paper: ViT-B/16, ViT-L/16)
     input_size: int = 224  # image side in pixels
@@ -45,14 +41,12 @@ class Config:
     min_lr: float = 0.0  # end of the cosine decay (upstream main_pretrain.py)
     weight_decay: float = 0.05  # AdamW, betas (0.9, 0.95); no decay on biases and norms (upstream main_pretrain.py)
     clip_grad: float = 5.0  # global grad-norm clip, on by default in the official loss scaler (util/misc.py)
-    num_workers: int = 10  # data loader processes per device
-    seed: int = 0  # each process uses seed + rank
-    device: str = "auto"  # auto (cuda if available), cuda or cpu
-    dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16
-    compile: bool = False  # torch.compile each transformer block
-    resume: str = ""  # checkpoint to resume from; default: output_dir/checkpoint.pth if it exists
-    log_every: int = 50  # optimizer steps between log lines
 
+    limits: ClassVar[dict] = {
+        "input_size": "[1, inf)", "patch_size": "[1, inf)", "drop_path": "[0, 1)", "decoder_dim": "[1, inf)",
+        "decoder_depth": "[1, inf)", "decoder_heads": "[1, inf)", "mask_ratio": "(0, 1)", "hard_ratio_max": "[0, 1]",
+        "warmup_epochs": "[0, inf)", "blr": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)",
+        "clip_grad": "[0, inf)"}
     presets: ClassVar[dict] = {
         # ViT-Tiny/4 at 32 px with a light decoder; learns in well under an hour on one GPU.
         "cifar10": dict(model="vit_tiny", input_size=32, patch_size=4, decoder_dim=128, decoder_depth=4,
@@ -185,8 +179,7 @@ class HPM(nn.Module):
     def num_hard(self, progress):
         if self.teacher is None:
             return 0
-        epoch = min(int(progress * self.epochs + 1e-6), self.epochs - 1)  # alpha is per epoch
-        return hard_count(self.num_masked, epoch, self.epochs, self.hard_ratio_max)
+        return hard_count(self.num_masked, common.epoch_at(progress, self.epochs), self.epochs, self.hard_ratio_max)
 
     @torch.no_grad()
     def teacher_scores(self, imgs):
@@ -228,84 +221,74 @@ class HPM(nn.Module):
                      hard_ratio=torch.full((), num_hard / self.num_masked, device=imgs.device))
         return loss_rec + loss_pred, stats  # weight 1, as upstream
 
-    def _ema_pairs(self):
-        pairs = [(self.teacher[name], module) for name, module in
-                 (("encoder", self.encoder), ("decoder_embed", self.decoder_embed), ("predictor", self.predictor))]
-        teacher, student = [], []
-        for t, s in pairs:
-            for pt, ps in zip(t.parameters(), s.parameters()):
-                if ps.requires_grad:  # fixed position embeddings stay bit-identical
-                    teacher.append(pt)
-                    student.append(ps)
-        return teacher, student
-
     @torch.no_grad()
     def update_teacher(self, momentum):
         """teacher <- m * teacher + (1 - m) * student, after every optimizer step (official engine_pretrain.py)."""
-        if self.teacher is None:
-            return
-        teacher, student = self._ema_pairs()
-        torch._foreach_mul_(teacher, momentum)
-        torch._foreach_add_(teacher, student, alpha=1 - momentum)
+        if self.teacher is not None:
+            for name in ("encoder", "decoder_embed", "predictor"):
+                common.ema_update(self.teacher[name], getattr(self, name), momentum)
 
 
 # --- training -------------------------------------------------------------------------------------
 def build(cfg):
     """The model of a config (used by main, bench.py and the tests)."""
     encoder = common.vit(cfg.model, cfg.input_size, cfg.patch_size, cfg.drop_path)
-    return HPM(encoder, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.mask_ratio,
-               cfg.norm_pix_loss, cfg.learning_loss, cfg.relative, cfg.hard_ratio_max, cfg.epochs)
+    num_visible = int(encoder.num_patches * (1 - cfg.mask_ratio))
+    if not 1 <= num_visible <= encoder.num_patches - 2:
+        common.fail(f"--mask_ratio {cfg.mask_ratio} leaves {num_visible} of {encoder.num_patches} patches visible; "
+                    "the encoder needs one and the ranking loss two masked ones: pass a ratio such as 0.75")
+    return HPM(encoder, decoder_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth, decoder_heads=cfg.decoder_heads,
+               mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss, learning_loss=cfg.learning_loss,
+               relative=cfg.relative, hard_ratio_max=cfg.hard_ratio_max, epochs=cfg.epochs)
 
 
-def train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, progress, epoch):
-    """One optimizer step over `accum` micro-batches from `stream` (also timed by bench.py)."""
-    for micro in range(accum):
-        images = next(stream)
-        # gradients are all-reduced only on the last micro-batch of a step
-        with ddp.no_sync() if ctx.world > 1 and micro < accum - 1 else nullcontext():
-            with ctx.autocast():
-                loss, stats = ddp(images, progress)
-            scaler.scale(loss / accum).backward()
-    scaler.unscale_(optimizer)
+def make_optimizer(model, cfg, steps_per_epoch):
+    """AdamW and its per-step lr (MAE's: warm-up, then cosine); schedule(step) sets the lr and returns it."""
+    lr = cfg.blr * cfg.batch_size / 256
+    lrs = common.cosine_schedule(lr, cfg.min_lr, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch)
+    optimizer = common.adamw(model, lr, cfg.weight_decay)
+    return optimizer, lambda step: common.set_lr(optimizer, lrs[step])
+
+
+def train_step(ddp, optimizer, micro_batches, progress, cfg, ctx):
+    """One optimizer step over a Step of micro-batches (also timed by bench.py). -> the step's stats."""
+    model = common.unwrap(ddp)
+    stats = common.forward_backward(ddp, micro_batches, progress, ctx)  # means over the micro-batches
+    ctx.scaler.unscale_(optimizer)
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-    scaler.step(optimizer)
-    scaler.update()
+    ctx.scaler.step(optimizer)
+    ctx.scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    model.update_teacher(ema_momentum(epoch))  # method-specific
-    return loss, stats
+    model.update_teacher(ema_momentum(common.epoch_at(progress, cfg.epochs)))  # method-specific
+    return stats
 
 
 def main(cfg):
     ctx = common.setup(cfg)
+    model = build(cfg).to(ctx.device)  # method-specific
     dataset = common.image_dataset(cfg.data_path, common.mae_transform(cfg.input_size), cfg.data_root)
     batches = common.Batches(dataset, cfg, ctx)
-    steps_per_epoch, accum = batches.steps_per_epoch, batches.accum
-
-    model = build(cfg).to(ctx.device)  # method-specific
-    lr = cfg.blr * cfg.batch_size / 256
-    optimizer = common.adamw(model, lr, cfg.weight_decay)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
-    start_epoch = common.resume(cfg, "hpm", model, optimizer, ctx, scaler)
+    steps_per_epoch, total_steps = batches.steps_per_epoch, cfg.epochs * batches.steps_per_epoch
+    optimizer, schedule = make_optimizer(model, cfg, steps_per_epoch)
+    start_epoch = common.resume(cfg, "hpm", model, optimizer, ctx)
     if cfg.compile:
         common.compile_blocks(model)
     ddp = common.wrap_ddp(model, ctx)
-    total_steps = cfg.epochs * steps_per_epoch
-    lrs = common.cosine_schedule(lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch)
-    log = common.Logger(cfg, ctx, total_steps, start_epoch * steps_per_epoch, cfg.batch_size)
+    log = common.Logger(cfg, ctx, steps_per_epoch, start_epoch)
     log.info(f"hpm: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable "
-             f"params; lr {lr:.3g} = blr {cfg.blr:g} x {cfg.batch_size} / 256; {ctx.world} process(es) x "
-             f"{accum} micro-batch(es) of {cfg.micro_batch}; {steps_per_epoch} steps/epoch; {ctx.device}, {ctx.dtype}")
+             f"params; lr {cfg.blr * cfg.batch_size / 256:.3g} = blr {cfg.blr:g} x {cfg.batch_size} / 256; "
+             f"{ctx.world} process(es) x {batches.accum} micro-batch(es) of {cfg.micro_batch}; "
+             f"{steps_per_epoch} steps/epoch; {ctx.device}, {ctx.dtype}")
+    log.warmups(lr=cfg.warmup_epochs)
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        stream = batches.epoch(epoch)
-        for it in range(steps_per_epoch):
+        for it, micro_batches in enumerate(batches.epoch(epoch)):
             step = epoch * steps_per_epoch + it
-            common.set_lr(optimizer, lrs[step])
-            loss, stats = train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, step / total_steps, epoch)
-            log.step(step, epoch, lrs[step], loss, stats)
-        common.save_checkpoint(os.path.join(cfg.output_dir, "checkpoint.pth"), "hpm", model, optimizer,
-                               epoch + 1, cfg, scaler)
+            lr = schedule(step)
+            stats = train_step(ddp, optimizer, micro_batches, step / total_steps, cfg, ctx)
+            log.step(step, lr, stats)
+        common.save_checkpoint(cfg, "hpm", model, optimizer, epoch + 1, ctx)
     log.close()
     return model
 

@@ -9,8 +9,6 @@ channels, T spatial tokens of a crop (h*w for the CNN, N patches for the ViT).
 To reuse: copy this file and common.py."""
 import copy
 import math
-import os
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,9 +22,7 @@ from common import Block
 
 # --- config ---------------------------------------------------------------------------------------
 @dataclass
-class Config:
-    data_path: str = ""  # ImageFolder of training images (one sub-folder per class), or the word cifar10
-    data_root: str = "./data"  # where --data_path cifar10 is downloaded to
+class Config(common.TrainConfig):
     output_dir: str = "./output_mokd"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
     model: str = "vit_small"  # the ViT of the pair: vit_tiny, vit_small, vit_base (README: ViT-S/16)
     cnn_model: str = "resnet50"  # the CNN of the pair, a torchvision ResNet name (README: ResNet-50)
@@ -37,6 +33,8 @@ class Config:
     local_crops: int = 8  # n local crops per image, at least 1: the search loss lives on them (README: 8)
     global_scale_min: float = 0.25  # global crops cover (this, 1) of the image; locals (local_scale_min, this) (README)
     local_scale_min: float = 0.05  # lower area bound of the local crops (README)
+    blur_radius_min: float = 0.1  # Gaussian blur radius range in pixels, all crops (DINO utils.py: 0.1 to 2)
+    blur_radius_max: float = 2.0  # its upper end
     drop_path: float = 0.1  # stochastic depth of the ViT student (README: 0.1); its teacher uses 0
     out_dim: int = 65536  # K, outputs of every head (README)
     hidden_dim: int = 2048  # MLP head width (upstream models/mokd.py)
@@ -70,19 +68,25 @@ class Config:
     clip_grad_cnn: float = 3.0  # per-tensor gradient clipping of the CNN (README: 3); 0: off
     clip_grad_vit: float = 3.0  # per-tensor gradient clipping of the ViT (README: 3); 0: off
     freeze_last_layer: int = 1  # epochs without updates of every *last_layer* parameter (README: 1)
-    num_workers: int = 10  # data loader processes per device
-    seed: int = 0  # each process uses seed + rank
-    device: str = "auto"  # auto (cuda if available), cuda or cpu
-    dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16
-    compile: bool = False  # torch.compile each transformer block
-    resume: str = ""  # checkpoint to resume from; default: output_dir/checkpoint.pth if it exists
-    log_every: int = 50  # optimizer steps between log lines
 
+    limits: ClassVar[dict] = {
+        "input_size": "[1, inf)", "local_size": "[1, inf)", "patch_size": "[1, inf)", "local_crops": "[1, inf)",
+        "global_scale_min": "(0, 1]", "local_scale_min": "(0, 1]", "blur_radius_min": "[0, inf)",
+        "blur_radius_max": "[0, inf)", "drop_path": "[0, 1)", "out_dim": "[1, inf)", "hidden_dim": "[1, inf)",
+        "bottleneck_dim": "[1, inf)", "thead_depth": "[1, inf)", "thead_heads": "[1, inf)", "lambda_cnn": "[0, inf)",
+        "lambda_vit": "[0, inf)", "warmup_teacher_temp": "(0, inf)", "teacher_temp": "(0, inf)",
+        "teacher_temp_epochs_cnn": "[0, inf)", "teacher_temp_epochs_vit": "[0, inf)", "student_temp": "(0, inf)",
+        "center_momentum": "[0, 1]", "momentum_teacher": "[0, 1]", "warmup_epochs": "[0, inf)", "blr_cnn": "(0, inf)",
+        "blr_vit": "(0, inf)", "min_lr_cnn": "[0, inf)", "min_lr_vit": "[0, inf)", "weight_decay_cnn": "[0, inf)",
+        "weight_decay_vit": "[0, inf)", "weight_decay_vit_end": "[0, inf)", "clip_grad_cnn": "[0, inf)",
+        "clip_grad_vit": "[0, inf)", "freeze_last_layer": "[0, inf)"}
     presets: ClassVar[dict] = {
-        # ResNet-18 (CIFAR stem) + ViT-Tiny/4 at 32 px, 6 local crops of 16 px, K = 4096 (our small-scale choice).
+        # ResNet-18 (CIFAR stem) + ViT-Tiny/4 at 32 px, 6 local crops of 16 px, K = 4096 (our small-scale choice); DINO's blur
+        # radii (0.1-2 px, meant for 224 px crops) scaled by 32 / 224.
         "cifar10": dict(model="vit_tiny", cnn_model="resnet18", cifar_stem=True, input_size=32, local_size=16,
                         patch_size=4, local_crops=6, out_dim=4096, hidden_dim=1024, epochs=100, batch_size=256,
-                        micro_batch=128, num_workers=8, output_dir="./output_mokd_cifar10"),
+                        micro_batch=128, num_workers=8, output_dir="./output_mokd_cifar10",
+                        blur_radius_min=0.1 * 32 / 224, blur_radius_max=2.0 * 32 / 224),
     }
 
 
@@ -204,7 +208,7 @@ class MOKD(nn.Module):
 
     def teacher_temperatures(self, progress):
         """Per-epoch teacher temperatures (tau_cnn for the CNN's self terms, tau_vit for the others; as upstream)."""
-        epoch = min(int(progress * self.epochs + 1e-6), self.epochs - 1)
+        epoch = common.epoch_at(progress, self.epochs)
         warm, temp, w_cnn, w_vit = self.temps
         return (common.teacher_temperature(epoch, warm, temp, w_cnn),
                 common.teacher_temperature(epoch, warm, temp, w_vit))
@@ -240,46 +244,50 @@ class MOKD(nn.Module):
         return mlp, out[:tokens.shape[0]], (out[tokens.shape[0]:] if query is not None else None)
 
     def losses(self, crops, progress):
-        """Every loss term (with its graph), the two totals, the teacher temperatures; updates the centres."""
+        """Every loss term (graph-attached tensors), the two totals, the teacher temperatures; updates the centres."""
         n, ts = len(crops) - 2, self.student_temp
         if n < 1:
             raise ValueError("MOKD needs at least one local crop (the search loss is built on them)")
         tau_cnn, tau_vit = self.teacher_temperatures(progress)
         globals_, locals_ = torch.cat(crops[:2]), torch.cat(crops[2:])  # (2B, 3, H, W), (nB, 3, h, w)
-        s_cnn_mlp, s_cnn_th, s_cnn_th_local, cnn_query = self.student(self.cnn, globals_, locals_)
-        s_vit_mlp, s_vit_th, s_vit_th_local, vit_query = self.student(self.vit, globals_, locals_)
+        cnn_mlp, cnn_thead, cnn_thead_local, cnn_query = self.student(self.cnn, globals_, locals_)
+        vit_mlp, vit_thead, vit_thead_local, vit_query = self.student(self.vit, globals_, locals_)
         search = self.cross and self.cnn.thead is not None
         # Every teacher output below is computed without a graph and every query is detached, so L_cnn does
         # not depend on any ViT student parameter and L_vit on no CNN one: one backward of their
         # sum gives each model exactly the gradients of its own total (tests/test_mokd.py checks it).
-        t_cnn_mlp, t_cnn_th, t_cnn_search = self.teacher(self.teacher_cnn, globals_, vit_query if search else None, n)
-        t_vit_mlp, t_vit_th, t_vit_search = self.teacher(self.teacher_vit, globals_, cnn_query if search else None, n)
+        target_cnn_mlp, target_cnn_thead, target_cnn_search = self.teacher(
+            self.teacher_cnn, globals_, vit_query if search else None, n)
+        target_vit_mlp, target_vit_thead, target_vit_search = self.teacher(
+            self.teacher_vit, globals_, cnn_query if search else None, n)
 
         c_cnn, c_vit = self.center_cnn_mlp.center, self.center_vit_mlp.center
-        stats = {"loss_sm_cnn": common.dino_loss(s_cnn_mlp, t_cnn_mlp, c_cnn, ts, tau_cnn),
-                 "loss_sm_vit": common.dino_loss(s_vit_mlp, t_vit_mlp, c_vit, ts, tau_vit)}
-        if s_cnn_th is not None:
-            stats["loss_st_cnn"] = common.dino_loss(s_cnn_th, t_cnn_th, self.center_cnn_thead.center, ts, tau_cnn)
-            stats["loss_st_vit"] = common.dino_loss(s_vit_th, t_vit_th, self.center_vit_thead.center, ts, tau_vit)
+        losses = {"loss_sm_cnn": common.dino_loss(cnn_mlp, target_cnn_mlp, c_cnn, ts, tau_cnn),
+                  "loss_sm_vit": common.dino_loss(vit_mlp, target_vit_mlp, c_vit, ts, tau_vit)}
+        if cnn_thead is not None:
+            losses["loss_st_cnn"] = common.dino_loss(cnn_thead, target_cnn_thead, self.center_cnn_thead.center, ts,
+                                                     tau_cnn)
+            losses["loss_st_vit"] = common.dino_loss(vit_thead, target_vit_thead, self.center_vit_thead.center, ts,
+                                                     tau_vit)
         if self.cross:  # the other model's teacher, with its own centre, at the ViT warmup (as upstream main_mokd.py)
-            stats["loss_cm_cnn"] = common.dino_loss(s_cnn_mlp, t_vit_mlp, c_vit, ts, tau_vit)
-            stats["loss_cm_vit"] = common.dino_loss(s_vit_mlp, t_cnn_mlp, c_cnn, ts, tau_vit)
+            losses["loss_cm_cnn"] = common.dino_loss(cnn_mlp, target_vit_mlp, c_vit, ts, tau_vit)
+            losses["loss_cm_vit"] = common.dino_loss(vit_mlp, target_cnn_mlp, c_cnn, ts, tau_vit)
         if search:
-            stats["loss_ct_cnn"] = search_loss(s_cnn_th_local, t_vit_search, ts, tau_vit)
-            stats["loss_ct_vit"] = search_loss(s_vit_th_local, t_cnn_search, ts, tau_vit)
+            losses["loss_ct_cnn"] = search_loss(cnn_thead_local, target_vit_search, ts, tau_vit)
+            losses["loss_ct_vit"] = search_loss(vit_thead_local, target_cnn_search, ts, tau_vit)
         # Centres move after the losses (step k uses step k-1's centre) on teacher global outputs only (as upstream).
         # NOTE(official): with gradient accumulation (upstream has none) they move once per micro-batch.
-        for center, out in ((self.center_cnn_mlp, t_cnn_mlp), (self.center_vit_mlp, t_vit_mlp),
-                            (self.center_cnn_thead, t_cnn_th), (self.center_vit_thead, t_vit_th)):
+        for center, out in ((self.center_cnn_mlp, target_cnn_mlp), (self.center_vit_mlp, target_vit_mlp),
+                            (self.center_cnn_thead, target_cnn_thead), (self.center_vit_thead, target_vit_thead)):
             if center is not None:
                 center.update(out, self.center_momentum)
 
         def total(side, lam):  # L = L_sm + L_st + lambda (L_cm + L_ct) (as upstream); absent terms count 0
-            get = lambda term: stats.get(f"loss_{term}_{side}", 0.0)  # noqa: E731
+            get = lambda term: losses.get(f"loss_{term}_{side}", 0.0)  # noqa: E731
             return get("sm") + get("st") + lam * (get("cm") + get("ct"))
         # NOTE(official): upstream logs only L_sm as "loss_cnn"/"loss_vit"; here every term and both totals.
-        stats.update(loss_cnn=total("cnn", self.lambda_cnn), loss_vit=total("vit", self.lambda_vit))
-        return stats, tau_cnn, tau_vit
+        losses.update(loss_cnn=total("cnn", self.lambda_cnn), loss_vit=total("vit", self.lambda_vit))
+        return losses, tau_cnn, tau_vit
 
     def forward(self, crops, progress):
         losses, tau_cnn, tau_vit = self.losses(crops, progress)
@@ -309,52 +317,49 @@ def build(cfg):
     # NOTE(official): the CNN T-Head grid is input_size // 32 there; here it is the real layer4 map size,
     # so a CIFAR stem (stride 8) gets its 4 x 4 tokens their own positions.
     cnn_grid = cfg.input_size // (8 if cfg.cifar_stem else 32)
-    if cnn_grid < 1 or cfg.local_crops < 1:
-        common.fail(f"--input_size {cfg.input_size} / --local_crops {cfg.local_crops} leave no CNN map or no local "
-                    "crop; use larger crops (or --cifar_stem) and at least one local crop")
-    return MOKD(cnn, vit, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.thead_depth, cfg.thead_heads,
-                cnn_grid, cfg.norm_last_layer_cnn, cfg.norm_last_layer_vit, cfg.cross, cfg.thead, cfg.lambda_cnn,
-                cfg.lambda_vit, cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.teacher_temp_epochs_cnn,
-                cfg.teacher_temp_epochs_vit, cfg.student_temp, cfg.center_momentum, cfg.epochs)
+    if cnn_grid < 1 or cfg.local_size < cfg.patch_size:
+        common.fail(f"--input_size {cfg.input_size} / --local_size {cfg.local_size} leave no CNN map or no ViT patch; "
+                    "use larger crops (or --cifar_stem)")
+    if vit.embed_dim % cfg.thead_heads:
+        common.fail(f"--thead_heads {cfg.thead_heads} does not divide the ViT width {vit.embed_dim}; pass e.g. 6")
+    if cfg.local_scale_min >= cfg.global_scale_min or cfg.blur_radius_min > cfg.blur_radius_max:
+        common.fail(f"the ranges --local_scale_min {cfg.local_scale_min} < --global_scale_min {cfg.global_scale_min} "
+                    f"and --blur_radius_min {cfg.blur_radius_min} <= --blur_radius_max {cfg.blur_radius_max} must hold")
+    return MOKD(cnn, vit, out_dim=cfg.out_dim, hidden_dim=cfg.hidden_dim, bottleneck_dim=cfg.bottleneck_dim,
+                thead_depth=cfg.thead_depth, thead_heads=cfg.thead_heads, cnn_grid=cnn_grid,
+                norm_last_layer_cnn=cfg.norm_last_layer_cnn, norm_last_layer_vit=cfg.norm_last_layer_vit,
+                cross=cfg.cross, thead=cfg.thead, lambda_cnn=cfg.lambda_cnn, lambda_vit=cfg.lambda_vit,
+                warmup_teacher_temp=cfg.warmup_teacher_temp, teacher_temp=cfg.teacher_temp,
+                teacher_temp_epochs_cnn=cfg.teacher_temp_epochs_cnn, teacher_temp_epochs_vit=cfg.teacher_temp_epochs_vit,
+                student_temp=cfg.student_temp, center_momentum=cfg.center_momentum, epochs=cfg.epochs)
 
 
 class Optimizers:
-    """Several optimizers as one; state_dict() numbers parameters across them, shaped like one optimizer's."""
-    def __init__(self, *optimizers):
-        self.optimizers = list(optimizers)
+    """The CNN's SGD and the ViT's AdamW stepped, zeroed and saved together (one checkpoint entry)."""
+    def __init__(self, cnn, vit):
+        self.cnn, self.vit = cnn, vit
+        self.optimizers = (cnn, vit)
 
-    param_groups = property(lambda self: [g for o in self.optimizers for g in o.param_groups])
-
-    def step(self):
-        [o.step() for o in self.optimizers]
+    param_groups = property(lambda self: self.cnn.param_groups + self.vit.param_groups)
 
     def zero_grad(self, set_to_none=True):
-        [o.zero_grad(set_to_none=set_to_none) for o in self.optimizers]
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self):
-        state, groups, offset = {}, [], 0
-        for o in self.optimizers:
-            sd = o.state_dict()
-            state.update({k + offset: v for k, v in sd["state"].items()})
-            groups += [{**g, "params": [i + offset for i in g["params"]]} for g in sd["param_groups"]]
-            offset += sum(len(g["params"]) for g in sd["param_groups"])
-        return {"state": state, "param_groups": groups}
+        return {"cnn": self.cnn.state_dict(), "vit": self.vit.state_dict()}
 
     def load_state_dict(self, state_dict):
-        offset, first = 0, 0
-        for o in self.optimizers:
-            groups = state_dict["param_groups"][first:first + len(o.param_groups)]
-            count = sum(len(g["params"]) for g in groups)
-            o.load_state_dict({
-                "state": {k - offset: v for k, v in state_dict["state"].items() if offset <= k < offset + count},
-                "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in groups]})
-            offset, first = offset + count, first + len(groups)
+        self.cnn.load_state_dict(state_dict["cnn"])
+        self.vit.load_state_dict(state_dict["vit"])
 
 
-def make_optimizer(model, cfg):
+def make_optimizer(model, cfg, steps_per_epoch):
     """SGD (momentum .9) for the CNN, AdamW (betas .9/.999) for the ViT, with the upstream groups (main_mokd.py):
     CNN [matrices (wd), 1-D (no wd), T-Head (ViT lr and wd schedules, everything decayed)], ViT [matrices
-    (wd), 1-D (no wd)]. Frozen parameters (the CNN MLP head's g) are left out. set_schedules fills lr/wd.
+    (wd), 1-D (no wd)]. Frozen parameters (the CNN MLP head's g) are left out. Returns the optimizers and
+    schedule(step), which sets both lrs (DINO's cosine_scheduler: linspace warm-up, then cosine) and the ViT's
+    weight decay (cosine from weight_decay_vit to weight_decay_vit_end) for that step and returns the CNN's lr.
     NOTE(official): upstream hard-codes wd, final lrs, norm_last_layer and AdamW for the ViT and ignores the
     flags that name them (main_mokd.py); here each has a flag whose default is the hard-coded value."""
     thead = [p for n, p in model.cnn.named_parameters() if n.startswith("thead.") and p.requires_grad]
@@ -363,18 +368,26 @@ def make_optimizer(model, cfg):
                            {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0},
                            {"params": thead, "weight_decay": cfg.weight_decay_vit}], lr=0.0, momentum=0.9)
     adamw = common.adamw(model.vit, 0.0, cfg.weight_decay_vit, betas=(0.9, 0.999))
-    return Optimizers(sgd, adamw)
+    optimizer = Optimizers(sgd, adamw)
+    total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    lrs_cnn = common.cosine_schedule(cfg.blr_cnn * cfg.batch_size / 256, cfg.min_lr_cnn, total, warmup, dino_warmup=True)
+    lrs_vit = common.cosine_schedule(cfg.blr_vit * cfg.batch_size / 256, cfg.min_lr_vit, total, warmup, dino_warmup=True)
+    wds_vit = common.cosine_schedule(cfg.weight_decay_vit, cfg.weight_decay_vit_end, total)
+
+    def schedule(step):
+        set_schedules(optimizer, lrs_cnn[step], lrs_vit[step], wds_vit[step])
+        return float(lrs_cnn[step])
+    return optimizer, schedule
 
 
 def set_schedules(optimizer, lr_cnn, lr_vit, wd_vit):
     """Per-step lr and weight decay of the 5 groups; the CNN T-Head follows the ViT (as upstream main_mokd.py)."""
-    cnn, vit = optimizer.optimizers
-    for group, lr in zip(cnn.param_groups, (lr_cnn, lr_cnn, lr_vit)):
+    for group, lr in zip(optimizer.cnn.param_groups, (lr_cnn, lr_cnn, lr_vit)):
         group["lr"] = float(lr)
-    cnn.param_groups[2]["weight_decay"] = float(wd_vit)
-    for group in vit.param_groups:
+    optimizer.cnn.param_groups[2]["weight_decay"] = float(wd_vit)
+    for group in optimizer.vit.param_groups:
         group["lr"] = float(lr_vit)
-    vit.param_groups[0]["weight_decay"] = float(wd_vit)
+    optimizer.vit.param_groups[0]["weight_decay"] = float(wd_vit)
 
 
 def synthetic_batch(cfg, device):
@@ -384,29 +397,24 @@ def synthetic_batch(cfg, device):
                 for _ in range(cfg.local_crops)]
 
 
-def train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, progress, epoch):
-    """One optimizer step over `accum` micro-batches from `stream` (also timed by bench.py)."""
-    for micro in range(accum):
-        crops = next(stream)
-        # gradients are all-reduced only on the last micro-batch of a step
-        with ddp.no_sync() if ctx.world > 1 and micro < accum - 1 else nullcontext():
-            with ctx.autocast():
-                loss, stats = ddp(crops, progress)
-            # NOTE(official): one backward of L_cnn + L_vit (one scaler) instead of two: no cross term carries
-            # a gradient to the other model (see MOKD.losses), so the gradients are the same.
-            scaler.scale(loss / accum).backward()
+def train_step(ddp, optimizer, micro_batches, progress, cfg, ctx):
+    """One optimizer step of both models over a Step of micro-batches (also timed by bench.py). -> the step's stats.
+    NOTE(official): one backward of L_cnn + L_vit (one scaler) instead of two: no cross term carries a gradient
+    to the other model (see MOKD.losses), so the gradients are the same."""
+    model = common.unwrap(ddp)
+    stats = common.forward_backward(ddp, micro_batches, progress, ctx)  # means over the micro-batches
     for opt in optimizer.optimizers:  # method-specific from here on
-        scaler.unscale_(opt)
+        ctx.scaler.unscale_(opt)
     norm_cnn = common.clip_per_tensor(model.cnn.parameters(), cfg.clip_grad_cnn)
     norm_vit = common.clip_per_tensor(model.vit.parameters(), cfg.clip_grad_vit)
     stats.update(grad_norm_cnn=norm_cnn, grad_norm_vit=norm_vit, grad_norm=torch.hypot(norm_cnn, norm_vit))
-    common.cancel_last_layer(model, epoch, cfg.freeze_last_layer)  # MLP heads and T-Heads, as upstream
+    common.cancel_last_layer(model, common.epoch_at(progress, cfg.epochs), cfg.freeze_last_layer)  # both head kinds
     for opt in optimizer.optimizers:
-        scaler.step(opt)
-    scaler.update()
+        ctx.scaler.step(opt)
+    ctx.scaler.update()
     optimizer.zero_grad(set_to_none=True)
     model.update_teacher(common.teacher_momentum(progress, cfg.momentum_teacher))
-    return loss, stats
+    return stats
 
 
 def encoders(model, cfg):
@@ -419,45 +427,37 @@ def encoders(model, cfg):
 
 def main(cfg):
     ctx = common.setup(cfg)
-    crops = common.MultiCrop(cfg.input_size, cfg.local_size, cfg.local_crops, (cfg.global_scale_min, 1.0),
-                             (cfg.local_scale_min, cfg.global_scale_min))  # method-specific
-    dataset = common.image_dataset(cfg.data_path, crops, cfg.data_root)
-    batches = common.Batches(dataset, cfg, ctx)
-    steps_per_epoch, accum = batches.steps_per_epoch, batches.accum
-
     model = build(cfg).to(ctx.device)  # method-specific
     if ctx.world > 1 and ctx.device.type == "cuda":  # upstream's SyncBN (gloo on CPU has none)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    lr_cnn, lr_vit = cfg.blr_cnn * cfg.batch_size / 256, cfg.blr_vit * cfg.batch_size / 256
-    optimizer = make_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
-    start_epoch = common.resume(cfg, "mokd", model, optimizer, ctx, scaler)
+    crops = common.MultiCrop(cfg.input_size, cfg.local_size, cfg.local_crops, (cfg.global_scale_min, 1.0),
+                             (cfg.local_scale_min, cfg.global_scale_min), (cfg.blur_radius_min, cfg.blur_radius_max))
+    dataset = common.image_dataset(cfg.data_path, crops, cfg.data_root)
+    batches = common.Batches(dataset, cfg, ctx)
+    steps_per_epoch, total_steps = batches.steps_per_epoch, cfg.epochs * batches.steps_per_epoch
+    optimizer, schedule = make_optimizer(model, cfg, steps_per_epoch)
+    start_epoch = common.resume(cfg, "mokd", model, optimizer, ctx)
     if cfg.compile:
         common.compile_blocks(model)
     ddp = common.wrap_ddp(model, ctx)
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup = cfg.warmup_epochs * steps_per_epoch
-    lrs_cnn = common.cosine_schedule(lr_cnn, cfg.min_lr_cnn, total_steps, warmup)  # method-specific: 3 schedules
-    lrs_vit = common.cosine_schedule(lr_vit, cfg.min_lr_vit, total_steps, warmup)
-    wds_vit = common.cosine_schedule(cfg.weight_decay_vit, cfg.weight_decay_vit_end, total_steps)
-    log = common.Logger(cfg, ctx, total_steps, start_epoch * steps_per_epoch, cfg.batch_size)
+    log = common.Logger(cfg, ctx, steps_per_epoch, start_epoch)
     log.info(f"mokd: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable "
-             f"params; lr cnn {lr_cnn:.3g} / vit {lr_vit:.3g} = blr x {cfg.batch_size} / 256; {ctx.world} process(es) "
-             f"x {accum} micro-batch(es) of {cfg.micro_batch}; {steps_per_epoch} steps/epoch; "
-             f"{ctx.device}, {ctx.dtype}")
+             f"params; lr cnn {cfg.blr_cnn * cfg.batch_size / 256:.3g} / vit {cfg.blr_vit * cfg.batch_size / 256:.3g} "
+             f"= blr x {cfg.batch_size} / 256; {ctx.world} process(es) x {batches.accum} micro-batch(es) of "
+             f"{cfg.micro_batch}; {steps_per_epoch} steps/epoch; {ctx.device}, {ctx.dtype}")
+    log.warmups(lr=cfg.warmup_epochs, cnn_teacher_temperature=cfg.teacher_temp_epochs_cnn,
+                vit_teacher_temperature=cfg.teacher_temp_epochs_vit, last_layer_freeze=cfg.freeze_last_layer)
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()  # teachers too: their BN uses batch statistics, as upstream
-        stream = batches.epoch(epoch)
-        for it in range(steps_per_epoch):
+        for it, micro_batches in enumerate(batches.epoch(epoch)):
             step = epoch * steps_per_epoch + it
-            set_schedules(optimizer, lrs_cnn[step], lrs_vit[step], wds_vit[step])  # method-specific
-            loss, stats = train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, step / total_steps, epoch)
-            log.step(step, epoch, lrs_cnn[step], loss, stats)
+            lr = schedule(step)  # method-specific: both lrs and the ViT's weight decay
+            stats = train_step(ddp, optimizer, micro_batches, step / total_steps, cfg, ctx)
+            log.step(step, lr, stats)
         # NOTE(official): SyncBN everywhere there; gloo (CPU) has none, so CPU ranks keep their own BN statistics
         common.average_bn_stats(model)
-        common.save_checkpoint(os.path.join(cfg.output_dir, "checkpoint.pth"), "mokd", model, optimizer,
-                               epoch + 1, cfg, scaler, encoders=encoders(model, cfg))
+        common.save_checkpoint(cfg, "mokd", model, optimizer, epoch + 1, ctx, encoders=encoders(model, cfg))
     log.close()
     return model
 

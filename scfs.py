@@ -9,12 +9,9 @@ Shapes: B batch per crop, L local crops, V = 2 + L crops, C_k channels of stage 
 K out_dim of the DINO head, D out_dim of the stage heads.
 To reuse: copy this file and common.py."""
 import copy
-import os
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,9 +21,7 @@ import common
 
 # --- config ---------------------------------------------------------------------------------------
 @dataclass
-class Config:
-    data_path: str = ""  # ImageFolder of training images (one sub-folder per class), or the word cifar10
-    data_root: str = "./data"  # where --data_path cifar10 is downloaded to
+class Config(common.TrainConfig):
     output_dir: str = "./output_scfs"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
     model: str = "resnet50"  # torchvision ResNet, student and teacher (README: resnet50; any depth works here)
     cifar_stem: bool = False  # 3x3 stride-1 first conv and no max-pool, for 32 px images
@@ -36,6 +31,8 @@ class Config:
     global_scale_min: float = 0.25  # global crops cover 0.25-1 of the image area (README; code default .4)
     local_scale_min: float = 0.05  # local crops cover 0.05-0.25 of it (README)
     local_scale_max: float = 0.25  # upper end of the local-crop scale (README: 0.25; code default 0.4)
+    blur_radius_min: float = 0.1  # Gaussian blur radius range in pixels, all crops (DINO utils.py: 0.1 to 2)
+    blur_radius_max: float = 2.0  # its upper end
     search: bool = True  # the stage-wise feature search; --no-search is plain DINO, the paper's baseline
     out_dim: int = 65536  # DINO head output K (upstream main_scfs.py)
     hidden_dim: int = 2048  # DINO head MLP width (upstream models/scfs.py)
@@ -59,20 +56,24 @@ class Config:
     weight_decay: float = 1e-4  # SGD momentum 0.9; constant; none on biases and BN (README, upstream utils/utils.py)
     clip_grad: float = 3.0  # per-tensor gradient-norm clip, DINO style (upstream main_scfs.py)
     freeze_last_layer: int = 1  # epochs in which the DINO head's last layer is not updated (upstream main_scfs.py)
-    num_workers: int = 10  # data loader processes per device
-    seed: int = 0  # each process uses seed + rank
-    device: str = "auto"  # auto (cuda if available), cuda or cpu
-    dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16 (NOTE(official): fp16)
-    compile: bool = False  # torch.compile each ResNet stage and stage head
-    resume: str = ""  # checkpoint to resume from; default: output_dir/checkpoint.pth if it exists
-    log_every: int = 50  # optimizer steps between log lines
 
+    limits: ClassVar[dict] = {
+        "input_size": "[1, inf)", "local_size": "[1, inf)", "local_crops": "[1, inf)", "global_scale_min": "(0, 1]",
+        "local_scale_min": "(0, 1]", "local_scale_max": "(0, 1]", "blur_radius_min": "[0, inf)",
+        "blur_radius_max": "[0, inf)", "out_dim": "[1, inf)", "hidden_dim": "[1, inf)", "bottleneck_dim": "[1, inf)",
+        "stage_bottleneck": "[1, inf)", "stage_hidden": "[1, inf)", "stage_dim": "[1, inf)",
+        "student_temp": "(0, inf)", "teacher_temp": "(0, inf)", "warmup_teacher_temp": "(0, inf)",
+        "warmup_teacher_temp_epochs": "[0, inf)", "center_momentum": "[0, 1]", "momentum_teacher": "[0, 1]",
+        "warmup_epochs": "[0, inf)", "blr": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)",
+        "clip_grad": "[0, inf)", "freeze_last_layer": "[0, inf)"}
     presets: ClassVar[dict] = {
-        # ResNet-18 with the CIFAR stem, 2 x 32 px + 6 x 16 px crops; maps 16/8/4 (globals), 8/4/2 (locals).
+        # ResNet-18 with the CIFAR stem, 2 x 32 px + 6 x 16 px crops; maps 16/8/4 (globals), 8/4/2 (locals);
+        # DINO's blur radii (0.1-2 px, meant for 224 px crops) scaled by 32 / 224.
         "cifar10": dict(model="resnet18", cifar_stem=True, input_size=32, local_size=16, local_crops=6,
                         out_dim=4096, stage_hidden=1024, epochs=100, warmup_epochs=10,
                         warmup_teacher_temp_epochs=30, batch_size=256, micro_batch=256, blr=0.3,
-                        weight_decay=5e-4, num_workers=8, output_dir="./output_scfs_cifar10"),
+                        weight_decay=5e-4, num_workers=8, output_dir="./output_scfs_cifar10",
+                        blur_radius_min=0.1 * 32 / 224, blur_radius_max=2.0 * 32 / 224),
     }
 
 
@@ -166,8 +167,7 @@ class SCFS(nn.Module):
 
     def teacher_temp(self, progress):
         """tau_t, set per epoch: linear warmup_teacher_temp -> teacher_temp over the warm-up epochs (as upstream)."""
-        epoch = min(int(progress * self.epochs + 1e-6), self.epochs - 1)
-        return common.teacher_temperature(epoch, *self.teacher_temp_args)
+        return common.teacher_temperature(common.epoch_at(progress, self.epochs), *self.teacher_temp_args)
 
     def forward(self, crops, progress):
         B = crops[0].shape[0]
@@ -218,17 +218,27 @@ class SCFS(nn.Module):
 def build(cfg):
     """The model of a config (used by main, bench.py and the tests)."""
     encoder = common.resnet(cfg.model, cifar_stem=cfg.cifar_stem)
-    return SCFS(encoder, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.norm_last_layer, cfg.search,
-                (2, 3, 4), cfg.stage_bottleneck, cfg.stage_hidden, cfg.stage_dim, cfg.student_temp,
-                cfg.teacher_temp, cfg.warmup_teacher_temp, cfg.warmup_teacher_temp_epochs, cfg.center_momentum,
-                cfg.epochs)
+    if not cfg.local_scale_min < cfg.local_scale_max <= 1 or cfg.blur_radius_min > cfg.blur_radius_max:
+        common.fail(f"the ranges --local_scale_min {cfg.local_scale_min} < --local_scale_max {cfg.local_scale_max} "
+                    f"and --blur_radius_min {cfg.blur_radius_min} <= --blur_radius_max {cfg.blur_radius_max} must hold")
+    return SCFS(encoder, out_dim=cfg.out_dim, hidden_dim=cfg.hidden_dim, bottleneck_dim=cfg.bottleneck_dim,
+                norm_last_layer=cfg.norm_last_layer, search=cfg.search, stages=(2, 3, 4),
+                stage_bottleneck=cfg.stage_bottleneck, stage_hidden=cfg.stage_hidden, stage_dim=cfg.stage_dim,
+                student_temp=cfg.student_temp, teacher_temp=cfg.teacher_temp,
+                warmup_teacher_temp=cfg.warmup_teacher_temp, warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs,
+                center_momentum=cfg.center_momentum, epochs=cfg.epochs)
 
 
-def make_optimizer(model, cfg):
-    """SGD, momentum 0.9; weight decay on conv/linear weights only, none on biases and BN; frozen
-    parameters (teacher, fixed last-layer magnitude) left out (as upstream). The lr is set every step.
+def make_optimizer(model, cfg, steps_per_epoch):
+    """SGD, momentum 0.9; weight decay on conv/linear weights only, none on biases and BN; frozen parameters
+    (teacher, fixed last-layer magnitude) left out (as upstream). schedule(step) sets that step's lr (upstream utils/utils.py cosine_scheduler:
+    linspace warm-up to lr, then a half-cosine towards min_lr that never quite reaches it) and returns it.
     NOTE(official): weight decay is a constant, not a per-step schedule (upstream's runs 1e-4 -> 1e-4)."""
-    return torch.optim.SGD(common.param_groups(model, cfg.weight_decay), lr=0.0, momentum=0.9)
+    lr = cfg.blr * cfg.batch_size / 256
+    lrs = common.cosine_schedule(lr, cfg.min_lr, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch,
+                                 dino_warmup=True)
+    optimizer = torch.optim.SGD(common.param_groups(model, cfg.weight_decay), lr=lr, momentum=0.9)
+    return optimizer, lambda step: common.set_lr(optimizer, lrs[step])
 
 
 def synthetic_batch(cfg, device):
@@ -237,75 +247,60 @@ def synthetic_batch(cfg, device):
     return [torch.randn(cfg.micro_batch, 3, s, s, device=device) for s in sizes]
 
 
-def lr_schedule(lr, min_lr, total_steps, warmup_steps):
-    """Per-step lr: DINO's warm-up reaches lr at its last step (np.linspace(0, lr, W)), then a half-cosine
-    from lr towards min_lr that never quite reaches it (upstream utils/utils.py cosine_scheduler)."""
-    lrs = common.cosine_schedule(lr, min_lr, total_steps, warmup_steps)
-    lrs[:warmup_steps] = np.linspace(0, lr, warmup_steps)
-    return lrs
-
-
-def train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, progress, epoch):
-    """One optimizer step over `accum` micro-batches from `stream` (also timed by bench.py)."""
-    for micro in range(accum):
-        crops = next(stream)  # [global 1, global 2, local 1..L]
-        # gradients are all-reduced only on the last micro-batch of a step
-        with ddp.no_sync() if ctx.world > 1 and micro < accum - 1 else nullcontext():
-            with ctx.autocast():
-                loss, stats = ddp(crops, progress)
-            scaler.scale(loss / accum).backward()
-    scaler.unscale_(optimizer)
+def train_step(ddp, optimizer, micro_batches, progress, cfg, ctx):
+    """One optimizer step over a Step of micro-batches (also timed by bench.py). -> the step's stats."""
+    model = common.unwrap(ddp)
+    stats = common.forward_backward(ddp, micro_batches, progress, ctx)  # means over the micro-batches
+    ctx.scaler.unscale_(optimizer)
     stats["grad_norm"] = common.clip_per_tensor(model.parameters(), cfg.clip_grad)  # method-specific
-    common.cancel_last_layer(model, epoch, cfg.freeze_last_layer)  # method-specific
-    scaler.step(optimizer)
-    scaler.update()
+    common.cancel_last_layer(model, common.epoch_at(progress, cfg.epochs), cfg.freeze_last_layer)  # method-specific
+    ctx.scaler.step(optimizer)
+    ctx.scaler.update()
     optimizer.zero_grad(set_to_none=True)
     model.update_teacher(common.teacher_momentum(progress, cfg.momentum_teacher))  # method-specific
-    return loss, stats
+    return stats
 
 
 def main(cfg):
     ctx = common.setup(cfg)
-    transform = common.MultiCrop(cfg.input_size, cfg.local_size, cfg.local_crops, (cfg.global_scale_min, 1.0),
-                                 (cfg.local_scale_min, cfg.local_scale_max))  # method-specific
-    dataset = common.image_dataset(cfg.data_path, transform, cfg.data_root)
-    batches = common.Batches(dataset, cfg, ctx)
-    steps_per_epoch, accum = batches.steps_per_epoch, batches.accum
-
     model = build(cfg).to(ctx.device)  # method-specific
     if ctx.world > 1 and ctx.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN over the global batch, as the official
-    lr = cfg.blr * cfg.batch_size / 256
-    optimizer = make_optimizer(model, cfg)  # method-specific
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
-    start_epoch = common.resume(cfg, "scfs", model, optimizer, ctx, scaler)
+    transform = common.MultiCrop(cfg.input_size, cfg.local_size, cfg.local_crops, (cfg.global_scale_min, 1.0),
+                                 (cfg.local_scale_min, cfg.local_scale_max),
+                                 (cfg.blur_radius_min, cfg.blur_radius_max))  # method-specific
+    dataset = common.image_dataset(cfg.data_path, transform, cfg.data_root)
+    batches = common.Batches(dataset, cfg, ctx)
+    steps_per_epoch, total_steps = batches.steps_per_epoch, cfg.epochs * batches.steps_per_epoch
+    optimizer, schedule = make_optimizer(model, cfg, steps_per_epoch)  # method-specific
+    start_epoch = common.resume(cfg, "scfs", model, optimizer, ctx)
     if cfg.compile:
         for net in (model.student, model.teacher):  # method-specific: the ResNet stages and stage heads
             for module in [getattr(net["encoder"], f"layer{k}") for k in range(1, 5)] + list(net["stage_heads"]):
                 module.compile()
     ddp = common.wrap_ddp(model, ctx)
-    total_steps = cfg.epochs * steps_per_epoch
-    lrs = lr_schedule(lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch)  # method-specific
-    log = common.Logger(cfg, ctx, total_steps, start_epoch * steps_per_epoch, cfg.batch_size)
+    log = common.Logger(cfg, ctx, steps_per_epoch, start_epoch)
     log.info(f"scfs: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable "
-             f"params; lr {lr:.3g} = blr {cfg.blr:g} x {cfg.batch_size} / 256; {ctx.world} process(es) x "
-             f"{accum} micro-batch(es) of {cfg.micro_batch}; {steps_per_epoch} steps/epoch; {ctx.device}, {ctx.dtype}")
+             f"params; lr {cfg.blr * cfg.batch_size / 256:.3g} = blr {cfg.blr:g} x {cfg.batch_size} / 256; "
+             f"{ctx.world} process(es) x {batches.accum} micro-batch(es) of {cfg.micro_batch}; "
+             f"{steps_per_epoch} steps/epoch; {ctx.device}, {ctx.dtype}")
     log.info(f"scfs: {cfg.model}, 2 x {cfg.input_size} px + {cfg.local_crops} x {cfg.local_size} px crops; "
              f"feature search at stages {model.stages or 'none (plain DINO)'}")  # method-specific
+    log.warmups(lr=cfg.warmup_epochs, teacher_temperature=cfg.warmup_teacher_temp_epochs,
+                last_layer_freeze=cfg.freeze_last_layer)
     arch = {"model": cfg.model, "input_size": cfg.input_size, "cifar_stem": cfg.cifar_stem}
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        stream = batches.epoch(epoch)
-        for it in range(steps_per_epoch):
+        for it, micro_batches in enumerate(batches.epoch(epoch)):
             step = epoch * steps_per_epoch + it
-            common.set_lr(optimizer, lrs[step])
-            loss, stats = train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, step / total_steps, epoch)
-            log.step(step, epoch, lrs[step], loss, stats)
+            lr = schedule(step)
+            stats = train_step(ddp, optimizer, micro_batches, step / total_steps, cfg, ctx)
+            log.step(step, lr, stats)
         # NOTE(official): SyncBN everywhere there; gloo (CPU) has none, so CPU ranks keep their own BN statistics
         common.average_bn_stats(model)
-        common.save_checkpoint(os.path.join(cfg.output_dir, "checkpoint.pth"), "scfs", model, optimizer,
-                               epoch + 1, cfg, scaler, encoders={"cnn": (model.teacher["encoder"], arch)})
+        common.save_checkpoint(cfg, "scfs", model, optimizer, epoch + 1, ctx,
+                               encoders={"cnn": (model.teacher["encoder"], arch)})
     log.close()
     return model
 

@@ -8,9 +8,7 @@ Paper: arXiv 2312.10457.  Run: torchrun --nproc_per_node=8 semaim.py --data_path
 Shapes: B batch, N patches on a G x G grid, T = 1 + N tokens ([CLS] first), D width, P = patch*patch*3.
 To reuse: copy this file and common.py."""
 import math
-import os
 from collections import OrderedDict
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,9 +22,7 @@ from common import Block, patchify
 
 # --- config ---------------------------------------------------------------------------------------
 @dataclass
-class Config:
-    data_path: str = ""  # ImageFolder of training images (one sub-folder per class), or the word cifar10
-    data_root: str = "./data"  # where --data_path cifar10 is downloaded to
+class Config(common.TrainConfig):
     output_dir: str = "./output_semaim"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
     model: str = "vit_base"  # encoder = content stream: vit_tiny, vit_small, vit_base, vit_large (README: aim_base)
     input_size: int = 224  # image side in pixels
@@ -45,14 +41,11 @@ class Config:
     min_lr: float = 0.0  # end of the cosine decay (upstream main_pretrain.py)
     weight_decay: float = 0.05  # AdamW, betas (0.9, 0.95); no decay on biases and norms (upstream main_pretrain.py)
     clip_grad: float = 3.0  # global grad-norm clip (README command: 3.0)
-    num_workers: int = 10  # data loader processes per device
-    seed: int = 0  # each process uses seed + rank
-    device: str = "auto"  # auto (cuda if available), cuda or cpu
-    dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16
-    compile: bool = False  # torch.compile each transformer block (both streams)
-    resume: str = ""  # checkpoint to resume from; default: output_dir/checkpoint.pth if it exists
-    log_every: int = 50  # optimizer steps between log lines
 
+    limits: ClassVar[dict] = {
+        "input_size": "[1, inf)", "patch_size": "[1, inf)", "drop_path": "[0, 1)", "query_depth": "[1, inf)",
+        "blur_kernel": "[0, inf)", "blur_sigma": "(0, inf)", "warmup_epochs": "[0, inf)", "blr": "(0, inf)",
+        "min_lr": "[0, inf)", "weight_decay": "[0, inf)", "clip_grad": "[0, inf)"}
     presets: ClassVar[dict] = {
         # ViT-Tiny/4 at 32 px (8 x 8 grid), a query block after every encoder block as ViT-B; blur 9/1 kept
         # (it fades only a 1-2 pixel rim), everything else as the paper's recipe scaled to one GPU.
@@ -247,68 +240,65 @@ def build(cfg):
     encoder = common.vit(cfg.model, cfg.input_size, cfg.patch_size, cfg.drop_path)
     if cfg.order not in ORDERS:
         common.fail(f"unknown --order {cfg.order}; choose one of {', '.join(ORDERS)}")
-    if cfg.query_depth < 1 or len(encoder.blocks) % cfg.query_depth:
+    if len(encoder.blocks) % cfg.query_depth:
         common.fail(f"--query_depth {cfg.query_depth} does not divide the {len(encoder.blocks)} blocks of "
                     f"{cfg.model}; pick a divisor such as {len(encoder.blocks)}")
-    if cfg.blur_kernel > 0 and (cfg.blur_kernel % 2 == 0 or cfg.blur_sigma <= 0):
-        common.fail(f"--blur_kernel {cfg.blur_kernel} --blur_sigma {cfg.blur_sigma}: the kernel needs an odd "
-                    "side and a positive sigma; pass e.g. 9 and 1, or --blur_kernel 0 for no blur")
-    return SemAIM(encoder, cfg.query_depth, cfg.order, cfg.blur_kernel, cfg.blur_sigma, cfg.norm_pix_loss,
-                  cfg.drop_path)
+    if cfg.blur_kernel > 0 and cfg.blur_kernel % 2 == 0:
+        common.fail(f"--blur_kernel {cfg.blur_kernel}: the kernel needs an odd side; pass e.g. 9, or 0 for no blur")
+    return SemAIM(encoder, query_depth=cfg.query_depth, order=cfg.order, blur_kernel=cfg.blur_kernel,
+                  blur_sigma=cfg.blur_sigma, norm_pix_loss=cfg.norm_pix_loss, drop_path=cfg.drop_path)
 
 
-def train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, progress, epoch):
-    """One optimizer step over `accum` micro-batches from `stream` (also timed by bench.py)."""
-    for micro in range(accum):
-        images = next(stream)
-        # gradients are all-reduced only on the last micro-batch of a step
-        with ddp.no_sync() if ctx.world > 1 and micro < accum - 1 else nullcontext():
-            with ctx.autocast():
-                loss, stats = ddp(images, progress)
-            scaler.scale(loss / accum).backward()
-    scaler.unscale_(optimizer)
+def make_optimizer(model, cfg, steps_per_epoch):
+    """AdamW and its per-step lr (MAE's: warm-up, then cosine); schedule(step) sets the lr and returns it."""
+    lr = cfg.blr * cfg.batch_size / 256
+    lrs = common.cosine_schedule(lr, cfg.min_lr, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch)
+    optimizer = common.adamw(model, lr, cfg.weight_decay)
+    return optimizer, lambda step: common.set_lr(optimizer, lrs[step])
+
+
+def train_step(ddp, optimizer, micro_batches, progress, cfg, ctx):
+    """One optimizer step over a Step of micro-batches (also timed by bench.py). -> the step's stats."""
+    model = common.unwrap(ddp)
+    stats = common.forward_backward(ddp, micro_batches, progress, ctx)  # means over the micro-batches
+    ctx.scaler.unscale_(optimizer)
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-    scaler.step(optimizer)
-    scaler.update()
+    ctx.scaler.step(optimizer)
+    ctx.scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss, stats
+    return stats
 
 
 def main(cfg):
     ctx = common.setup(cfg)
+    model = build(cfg).to(ctx.device)  # method-specific
     dataset = common.image_dataset(cfg.data_path, common.mae_transform(cfg.input_size), cfg.data_root)
     batches = common.Batches(dataset, cfg, ctx)
-    steps_per_epoch, accum = batches.steps_per_epoch, batches.accum
-
-    model = build(cfg).to(ctx.device)  # method-specific
-    lr = cfg.blr * cfg.batch_size / 256
-    optimizer = common.adamw(model, lr, cfg.weight_decay)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
-    start_epoch = common.resume(cfg, "semaim", model, optimizer, ctx, scaler)
+    steps_per_epoch, total_steps = batches.steps_per_epoch, cfg.epochs * batches.steps_per_epoch
+    optimizer, schedule = make_optimizer(model, cfg, steps_per_epoch)
+    start_epoch = common.resume(cfg, "semaim", model, optimizer, ctx)
     if cfg.compile:
         common.compile_blocks(model)  # encoder blocks and query blocks (QueryBlock is a Block)
     ddp = common.wrap_ddp(model, ctx)
-    total_steps = cfg.epochs * steps_per_epoch
-    lrs = common.cosine_schedule(lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch)
-    log = common.Logger(cfg, ctx, total_steps, start_epoch * steps_per_epoch, cfg.batch_size)
+    log = common.Logger(cfg, ctx, steps_per_epoch, start_epoch)
     log.info(f"semaim: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable "
-             f"params; lr {lr:.3g} = blr {cfg.blr:g} x {cfg.batch_size} / 256; {ctx.world} process(es) x "
-             f"{accum} micro-batch(es) of {cfg.micro_batch}; {steps_per_epoch} steps/epoch; {ctx.device}, {ctx.dtype}")
+             f"params; lr {cfg.blr * cfg.batch_size / 256:.3g} = blr {cfg.blr:g} x {cfg.batch_size} / 256; "
+             f"{ctx.world} process(es) x {batches.accum} micro-batch(es) of {cfg.micro_batch}; "
+             f"{steps_per_epoch} steps/epoch; {ctx.device}, {ctx.dtype}")
     grid = model.encoder.grid  # method-specific
     log.info(f"semaim: {cfg.order} order over a {grid} x {grid} grid; {cfg.query_depth} query blocks, one "
              f"after every {model.step} encoder block(s); uniform centres would give centre_dist "
              f"{uniform_centre_dist(grid):.2f}, centre_border {4 * (grid - 1) / grid ** 2:.2f}")
+    log.warmups(lr=cfg.warmup_epochs)
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        stream = batches.epoch(epoch)
-        for it in range(steps_per_epoch):
+        for it, micro_batches in enumerate(batches.epoch(epoch)):
             step = epoch * steps_per_epoch + it
-            common.set_lr(optimizer, lrs[step])
-            loss, stats = train_step(ddp, model, optimizer, scaler, stream, accum, ctx, cfg, step / total_steps, epoch)
-            log.step(step, epoch, lrs[step], loss, stats)
-        common.save_checkpoint(os.path.join(cfg.output_dir, "checkpoint.pth"), "semaim", model, optimizer,
-                               epoch + 1, cfg, scaler)
+            lr = schedule(step)
+            stats = train_step(ddp, optimizer, micro_batches, step / total_steps, cfg, ctx)
+            log.step(step, lr, stats)
+        common.save_checkpoint(cfg, "semaim", model, optimizer, epoch + 1, ctx)
     log.close()
     return model
 

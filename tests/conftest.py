@@ -18,6 +18,12 @@ def unpatchify(x, p):
     return torch.einsum("bhwpqc->bchpwq", x.reshape(B, g, g, p, p, 3)).reshape(B, 3, g * p, g * p)
 
 
+def cpu_context():
+    """The Context of a single CPU process in float32 (what common.setup returns there), without its side effects."""
+    import common
+    return common.Context(0, 1, torch.device("cpu"), torch.float32, torch.amp.GradScaler("cpu", enabled=False))
+
+
 def make_image_folder(root, classes=2, per_class=12, size=32, seed=0):
     """root/c{k}/{i}.jpg: random smooth-ish images, a different mean colour per class."""
     rng = np.random.default_rng(seed)

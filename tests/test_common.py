@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import common
-from conftest import unpatchify
+from conftest import cpu_context, unpatchify
 import hpm
 
 
@@ -207,8 +207,16 @@ def test_import_state_mismatch_is_one_line_error():
     """STYLE.md: weights that do not fit stop with `error: ...; ...`, not a traceback."""
     state = common.export_state(tiny_hpm())
     state.pop("norm.weight")
-    with pytest.raises(SystemExit, match=r"^error: the checkpoint's weights do not fit this model .*; resume"):
+    state["pos_embed"] = torch.zeros(1, 5, 32)
+    for i in range(10):
+        state[f"extra.{i}"] = torch.zeros(1)
+    with pytest.raises(SystemExit) as e:
         common.import_state(tiny_hpm(), state)
+    message = str(e.value)
+    assert message.startswith("error: the checkpoint's weights do not fit this model: 1 missing (norm.weight); "
+                              "10 unexpected (extra.0, extra.1, extra.2, ...); 1 of another shape (pos_embed (1, 5, 32) "
+                              "here (1, 65, 32)); resume")
+    assert "\n" not in message and len(message) < 400
 
 
 def test_checkpoint_save_load_round_trip(tmp_path):
@@ -216,7 +224,7 @@ def test_checkpoint_save_load_round_trip(tmp_path):
     model = tiny_hpm()
     optimizer = common.adamw(model, 1e-3, 0.05)
     path = str(tmp_path / "checkpoint.pth")
-    common.save_checkpoint(path, "hpm", model, optimizer, 3, hpm.Config())
+    common.save_checkpoint(hpm.Config(output_dir=str(tmp_path)), "hpm", model, optimizer, 3, cpu_context())
     ckpt = common.load_checkpoint(path, "hpm")
     assert ckpt["epoch"] == 3 and ckpt["config"]["epochs"] == hpm.Config().epochs
     assert ckpt["model"].keys() == common.export_state(model).keys()

@@ -4,16 +4,17 @@ per-tensor clipping, last-layer freezing, several optimizers as one, multi-encod
 (specs/mokd.md §2, §3, §7; values worked out by hand)."""
 import copy
 import math
-import types
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from PIL import Image
+import torch.nn.functional as F
+from PIL import Image, ImageFilter
 
 import common
-import eval_linear
+import mokd
+from conftest import cpu_context
 
 
 # --- ResNet and ViT at two resolutions ---------------------------------------------------------------
@@ -41,6 +42,13 @@ def test_resize_pos_embed_and_vit_at_two_resolutions():
     assert common.resize_pos_embed(pos, 8) is pos
     const = torch.full((1, 64, 8), 0.5)
     assert torch.allclose(common.resize_pos_embed(const, 4), torch.full((1, 16, 8), 0.5), atol=1e-6)
+    # DINO's interpolate_pos_encoding (vision_transformer.py), written out: scale factor (g + 0.1) / G
+    G, g = 8, 4
+    dino = F.interpolate(pos.reshape(1, G, G, 8).permute(0, 3, 1, 2), scale_factor=((g + 0.1) / G, (g + 0.1) / G),
+                         mode="bicubic").permute(0, 2, 3, 1).reshape(1, g * g, 8)
+    assert torch.equal(common.resize_pos_embed(pos, g), dino)
+    by_size = F.interpolate(pos.reshape(1, G, G, 8).permute(0, 3, 1, 2), size=(g, g), mode="bicubic")
+    assert not torch.allclose(dino, by_size.permute(0, 2, 3, 1).reshape(1, g * g, 8), atol=1e-3)  # not the same
     vit = common.VisionTransformer(32, 4, 32, 1, 2)
     assert vit(torch.randn(2, 3, 32, 32)).shape == (2, 65, 32)
     assert vit(torch.randn(2, 3, 16, 16)).shape == (2, 17, 32)
@@ -54,20 +62,33 @@ def test_multicrop_shapes_and_batches_of_crop_lists(image_root):
     out = crops(img)
     assert [tuple(c.shape) for c in out] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
     dataset = common.image_dataset(str(image_root / "train"), crops)
-    cfg = types.SimpleNamespace(batch_size=8, micro_batch=4, num_workers=0, seed=0)
-    ctx = common.Context(0, 1, torch.device("cpu"), torch.float32)
-    batches = common.Batches(dataset, cfg, ctx)
-    first = next(batches.epoch(0))
+    cfg = common.TrainConfig(batch_size=8, micro_batch=4, num_workers=0)
+    batches = common.Batches(dataset, cfg, cpu_context())
+    step = next(batches.epoch(0))
+    assert len(step) == 2  # 8 images per step in micro-batches of 4
+    first = next(iter(step))
     assert isinstance(first, list) and [tuple(c.shape) for c in first] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 3
     assert batches.read == 4
 
 
-def test_blur_radius_scales_with_crop_size():
-    """p = 0 never blurs; p = 1 always does; the radius range is DINO's U(0.1, 2) scaled by size / 224."""
+def test_blur_radius_is_dinos_at_every_crop_size(monkeypatch):
+    """p = 0 never blurs; p = 1 always does; the radius is U(0.1, 2) for global and local crops alike, as DINO's
+    GaussianBlur (utils.py; mokd/scfs utils/preprocess.py) at 224 and 96 px; a CIFAR preset passes its own range."""
     img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8))
-    assert common.RandomBlur(0.0, 32)(img) is img
-    assert common.RandomBlur(1.0, 32).scale == pytest.approx(32 / 224)
-    assert np.asarray(common.RandomBlur(1.0, 224)(img)).std() < np.asarray(img).std()
+    assert common.RandomBlur(0.0)(img) is img
+    assert np.asarray(common.RandomBlur(1.0)(img)).std() < np.asarray(img).std()
+    crops = common.MultiCrop(224, 96, 2)
+    blurs = [t for c in (crops.global1, crops.global2, crops.local) for t in c.transforms
+             if isinstance(t, common.RandomBlur)]
+    assert [b.p for b in blurs] == [1.0, 0.1, 0.5] and all(b.radius == (0.1, 2.0) for b in blurs)
+    radii = []
+    monkeypatch.setattr(common.ImageFilter, "GaussianBlur", lambda r: radii.append(r) or ImageFilter.BLUR)
+    torch.manual_seed(0)
+    for _ in range(500):
+        common.RandomBlur(1.0)(img)
+    assert 0.1 <= min(radii) < 0.2 and 1.9 < max(radii) <= 2.0 and abs(np.mean(radii) - 1.05) < 0.1
+    mokd_cifar = common.parse_config(mokd.Config, ["--preset", "cifar10"])
+    assert (mokd_cifar.blur_radius_min, mokd_cifar.blur_radius_max) == pytest.approx((0.1 * 32 / 224, 2 * 32 / 224))
 
 
 # --- Head ------------------------------------------------------------------------------------------------
@@ -215,17 +236,17 @@ def test_checkpoint_with_several_encoders(tmp_path):
     cnn, vit = common.resnet("resnet18", cifar_stem=True), common.vit("vit_tiny", 32, 4)
     model = nn.ModuleDict({"cnn": cnn, "vit": vit})
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    cfg = eval_linear.Config()  # any dataclass: stored as the run's config
+    cfg = common.TrainConfig(output_dir=str(tmp_path))
     path = str(tmp_path / "checkpoint.pth")
     encoders = {"cnn": (cnn, {"model": "resnet18", "input_size": 32, "cifar_stem": True}),
                 "vit": (vit, {"model": "vit_tiny", "input_size": 32, "patch_size": 4})}
-    common.save_checkpoint(path, "mokd", model, opt, 1, cfg, encoders=encoders)
+    common.save_checkpoint(cfg, "mokd", model, opt, 1, cpu_context(), encoders=encoders)
     for name, module in (("cnn", cnn), ("vit", vit)):
-        encoder, ckpt, size = eval_linear.load_encoder(path, name)
-        assert size == 32 and ckpt["arch"]["model"] == encoders[name][1]["model"]
+        encoder, ckpt, arch = common.load_encoder(path, name)
+        assert arch == encoders[name][1]
         assert encoder.state_dict().keys() == module.state_dict().keys()
         assert all(torch.equal(v, module.state_dict()[k]) for k, v in encoder.state_dict().items())
     with pytest.raises(SystemExit, match="cnn, vit; pick one with --encoder"):
-        eval_linear.load_encoder(path)
+        common.load_encoder(path)
     with pytest.raises(SystemExit, match="no encoder 'x'"):
-        eval_linear.load_encoder(path, "x")
+        common.load_encoder(path, "x")

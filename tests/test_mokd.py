@@ -11,6 +11,7 @@ import torchvision
 
 import common
 import mokd
+from conftest import cpu_context
 from mokd import MOKD, THead
 
 B, N_LOCAL, K = 2, 2, 64
@@ -217,12 +218,11 @@ def test_no_cross_no_thead_is_two_independent_dino_runs():
 
 
 # --- training step -----------------------------------------------------------------------------------------
-def run_step(model, cfg, epoch, progress=0.0):
-    opt = mokd.make_optimizer(model, cfg)
+def run_step(model, cfg, progress=0.0):
+    """One train_step at a point of training (cfg.epochs = 10: progress 0.1 is the start of epoch 1)."""
+    opt, _ = mokd.make_optimizer(model, cfg, steps_per_epoch=1)
     mokd.set_schedules(opt, 0.1, 1e-3, 0.04)
-    ctx = common.Context(0, 1, torch.device("cpu"), torch.float32)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return mokd.train_step(model, model, opt, scaler, iter([crops()]), 1, ctx, cfg, progress, epoch), opt
+    return mokd.train_step(model, opt, [crops()], progress, cfg, cpu_context()), opt
 
 
 def test_ema_update_is_exact_and_starts_from_the_student():
@@ -236,7 +236,7 @@ def test_ema_update_is_exact_and_starts_from_the_student():
     old = {n: p.clone() for n, p in model.named_parameters() if n.startswith("teacher")}
     bn_before = model.teacher_cnn.backbone.bn1.running_mean.clone()
     progress = 0.3
-    run_step(model, cfg, epoch=3, progress=progress)
+    run_step(model, cfg, progress=progress)
     m = common.teacher_momentum(progress, 0.996)
     for name, p in model.named_parameters():
         if name.startswith("teacher"):
@@ -264,7 +264,7 @@ def test_last_layers_frozen_in_the_first_epoch():
         model = mokd.build(cfg)
         before = {n: p.clone() for n, p in student_params(model) if "last_layer" in n}
         assert len(before) == 8  # g, v of 2 MLP heads and 2 T-Heads
-        run_step(model, cfg, epoch)
+        run_step(model, cfg, progress=epoch / cfg.epochs)
         after = dict(student_params(model))
         for n, old in before.items():
             moved = not torch.equal(after[n], old)
@@ -281,7 +281,7 @@ def test_optimizer_groups():
     cfg = tiny_cfg()
     common.seed_all(0)
     model = mokd.build(cfg)
-    opt = mokd.make_optimizer(model, cfg)
+    opt, _ = mokd.make_optimizer(model, cfg, steps_per_epoch=1)
     sgd, adamw = opt.optimizers
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.9, 0.999)
@@ -309,7 +309,7 @@ def test_train_step_clips_each_tensor_and_logs():
     common.clip_per_tensor(model.cnn.parameters(), 3.0)
     assert all(p.grad.norm() <= 3.0 + 1e-4 for p in model.cnn.parameters() if p.grad is not None)
     model.zero_grad()
-    (loss, stats), _ = run_step(model, cfg, epoch=2, progress=0.2)
+    stats, _ = run_step(model, cfg, progress=0.2)
     assert {"grad_norm", "grad_norm_cnn", "grad_norm_vit", "loss_cnn", "loss_vit"} <= set(stats)
 
 
@@ -336,23 +336,24 @@ def two_optimizers(seed=0):
     torch.manual_seed(seed)
     a, b = nn.Linear(3, 2), nn.Linear(2, 2)
     opt = mokd.Optimizers(torch.optim.SGD([{"params": [a.weight]}, {"params": [a.bias]}], lr=0.1, momentum=0.9),
-                            torch.optim.AdamW(b.parameters(), lr=0.01))
+                          torch.optim.AdamW(b.parameters(), lr=0.01))
     return a, b, opt
 
 
 def step(a, b, opt):
     opt.zero_grad()
     (a(torch.ones(1, 3)).sum() + b(torch.ones(1, 2)).pow(2).sum()).backward()
-    opt.step()
+    for o in opt.optimizers:
+        o.step()
 
 
 def test_optimizers_state_dict_round_trip():
-    """One state dict shaped like a single optimizer's (params numbered 0..3 across both); loading it into
-    fresh optimizers and stepping gives the same weights as never stopping."""
+    """One state dict holding both optimizers' own; loading it into fresh optimizers and stepping gives the same
+    weights as never stopping."""
     a, b, opt = two_optimizers()
     step(a, b, opt)
     sd = copy.deepcopy(opt.state_dict())  # as torch.save would: no tensors shared with opt
-    assert sorted(sd["state"]) == [0, 1, 2, 3] and [g["params"] for g in sd["param_groups"]] == [[0], [1], [2, 3]]
+    assert set(sd) == {"cnn", "vit"} and sorted(sd["cnn"]["state"]) == [0, 1] and sorted(sd["vit"]["state"]) == [0, 1]
     a2, b2, opt2 = two_optimizers()
     a2.load_state_dict(a.state_dict())
     b2.load_state_dict(b.state_dict())

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import common
 import scfs
-from scfs import SCFS, StageHead, feature_search, lr_schedule, search_loss
+from conftest import cpu_context
+from scfs import SCFS, StageHead, feature_search, search_loss
 
 B, L, G, S = 2, 8, 32, 16  # batch per crop, local crops, global and local crop sides
 V = 2 + L
@@ -298,7 +299,7 @@ def test_schedules():
     assert temps[0] == pytest.approx(0.04) and temps[1] == pytest.approx(0.04 + 0.03 / 49)
     assert temps[49] == pytest.approx(0.07) and temps[50] == temps[199] == pytest.approx(0.07)
     assert model.teacher_temp(0.999999) == pytest.approx(0.07)
-    lrs = lr_schedule(0.1, 0.0048, 200, 20)
+    lrs = common.cosine_schedule(0.1, 0.0048, 200, 20, dino_warmup=True)  # what scfs.make_optimizer uses
     assert lrs[0] == 0 and lrs[19] == pytest.approx(0.1) and lrs[20] == pytest.approx(0.1)
     assert np.all(np.diff(lrs[:20]) > 0) and np.all(np.diff(lrs[20:]) < 0)
     assert 0.0048 < lrs[-1] < 0.0049
@@ -310,23 +311,21 @@ def test_optimizer_groups_and_frozen_last_layer():
     cfg = common.parse_config(scfs.Config, ["--preset", "cifar10", "--micro_batch", str(B), "--batch_size",
                                             str(B), "--local_crops", str(L), "--device", "cpu"])
     model = tiny()
-    opt = scfs.make_optimizer(model, cfg)
+    opt, schedule = scfs.make_optimizer(model, cfg, steps_per_epoch=1)
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == cfg.weight_decay and no_decay["weight_decay"] == 0
     assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert in_opt == {id(p) for p in model.student.parameters() if p.requires_grad}
-    ctx = common.setup(cfg)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    ctx = cpu_context()
     batch = crops()
-    stream = iter(lambda: batch, None)
     last = model.student["head"].last_layer.parametrizations.weight.original1
     conv = model.student["encoder"].conv1.weight
     for epoch, moves in ((0, False), (1, True)):
         common.set_lr(opt, 0.1)
         w, c = last.detach().clone(), conv.detach().clone()
-        scfs.train_step(model, model, opt, scaler, stream, 1, ctx, cfg, epoch / cfg.epochs, epoch)
+        scfs.train_step(model, opt, [batch], epoch / cfg.epochs, cfg, ctx)
         assert torch.equal(last, w) != moves and not torch.equal(conv, c)
 
 

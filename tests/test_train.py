@@ -65,6 +65,22 @@ def test_torchrun_two_processes_keep_identical_weights(method, image_root, tmp_p
     assert DIAGNOSTICS[method] | {"loss", "lr", "img_per_s", "peak_mem_gib", "grad_norm"} <= set(log[0])
 
 
+def assert_equal_states(a, b, where="optimizer"):
+    """Nested dicts / lists of tensors and numbers, equal bit for bit."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_equal_states(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_states(x, y, f"{where}.{i}")
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_resume_is_bitwise_identical(method, image_root, tmp_path, monkeypatch):
     """2 epochs straight == 1 epoch, crash, automatic resume, 1 epoch: identical weights and optimizer;
@@ -92,9 +108,7 @@ def test_resume_is_bitwise_identical(method, image_root, tmp_path, monkeypatch):
     assert a["epoch"] == b["epoch"] == 2
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        for k in sa:
-            assert torch.equal(sa[k], sb[k]), k
+    assert_equal_states(a["optimizer"], b["optimizer"])
     log_b = [json.loads(line)["step"] for line in open(tmp_path / "b" / "log.jsonl")]
     assert log_b == list(range(6))  # 3 steps x 2 epochs: none skipped or repeated on resume
 
@@ -106,7 +120,7 @@ def test_resume_is_bitwise_identical(method, image_root, tmp_path, monkeypatch):
     else:  # DINO-style: the teacher encoder(s) under torchvision / timm names, one entry each
         stored = {name: e["state"] for name, e in a["encoders"].items()}
     for name, weights in stored.items():
-        encoder, _, _ = eval_linear.load_encoder(path, name)
+        encoder, _, _ = common.load_encoder(path, name)
         assert encoder.state_dict().keys() == weights.keys()
         first = next(iter(weights))  # where in the model this encoder lives, e.g. "teacher_cnn.backbone."
         prefix = next(k[:-len(first)] for k in state if k.endswith(first) and torch.equal(state[k], weights[first]))
@@ -173,7 +187,8 @@ def test_cifar10_offline_names_the_fix(monkeypatch, tmp_path):
 def test_eval_linear_on_a_tiny_checkpoint(image_root, tmp_path):
     """Loads the student encoder exactly; k=1 k-NN of a set against itself is 100 %."""
     model = hpm.main(common.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path, "--epochs", "1")))
-    encoder, ckpt, size = eval_linear.load_encoder(str(tmp_path / "checkpoint.pth"))
+    encoder, ckpt, arch = common.load_encoder(str(tmp_path / "checkpoint.pth"))
+    size = arch["input_size"]
     for k, v in model.encoder.state_dict().items():
         assert torch.equal(encoder.state_dict()[k], v), k
     cfg = common.parse_config(eval_linear.Config, [
