@@ -272,6 +272,14 @@ def image_dataset(path, transform, data_root="./data", train=True):
              "<path>/<class>/<image>.jpg")
 
 
+def subset(dataset, limit):
+    """At most `limit` samples (0: all), evenly spaced, so every class of a sorted ImageFolder is kept."""
+    if not limit or limit >= len(dataset):
+        return dataset
+    step = len(dataset) / limit
+    return torch.utils.data.Subset(dataset, [int(i * step) for i in range(limit)])
+
+
 class Step:
     """The micro-batches of one optimizer step: len() of them, read lazily, so one is on the device at a time."""
     def __init__(self, stream, count):
@@ -292,6 +300,8 @@ class Batches:
     files fail. Images past the last full step of an epoch are left out (drop_last, as MAE and DINO)."""
 
     def __init__(self, dataset, cfg, ctx):
+        self.files = getattr(dataset, "samples", None)  # (path, label) per index, to name an unreadable file
+        dataset = subset(dataset, cfg.limit)
         per_process = cfg.batch_size // ctx.world
         if cfg.batch_size % ctx.world or per_process % cfg.micro_batch:
             fail(f"--batch_size {cfg.batch_size} is not a multiple of --micro_batch {cfg.micro_batch} x {ctx.world} "
@@ -308,7 +318,7 @@ class Batches:
             fail(f"{len(dataset)} images make no full batch of --batch_size {cfg.batch_size}"
                  f"{f' ({ctx.world} processes x {per_process})' if ctx.world > 1 else ''}; "
                  f"pass --batch_size {len(dataset) // ctx.world * ctx.world} or less")
-        self.dataset, self.seed, self.device, self.read, self.skipped = dataset, cfg.seed, ctx.device, 0, 0
+        self.seed, self.device, self.read, self.skipped = cfg.seed, ctx.device, 0, 0
 
     def epoch(self, epoch):
         """The epoch's optimizer steps, each a Step of `accum` micro-batches on the device."""
@@ -323,8 +333,8 @@ class Batches:
         for images, _, skipped in self.loader:  # images: a tensor, or a list of crops (multi-crop)
             if int(skipped.min()) < 0:  # a CPU tensor from the loader: no device sync
                 index = -int(skipped.min()) - 1
-                fail(f"{ImageFolder.max_skips} images in a row could not be read (from "
-                     f"{self.dataset.samples[index][0]}); check the files under {self.dataset.root}")
+                fail(f"{ImageFolder.max_skips} images in a row could not be read (from {self.files[index][0]}); "
+                     "check the dataset's files")
             self.read += len(skipped)
             self.skipped += int(skipped.sum())
             if self.skipped > max(self.read, 8):  # more unreadable files than readable ones
@@ -830,25 +840,40 @@ def load_encoder(path, name=""):
     return encoder.eval(), ckpt, arch
 
 
+def agree_on_checkpoint(output_dir, path, epoch, ctx):
+    """Before any step: every rank must see rank 0's output folder (a file rank 0 writes there) and the same
+    checkpoint (epoch), else all stop with one line naming a rank and host that differ: with node-local folders
+    the ranks would resume different states and their weights drift apart until the job dies mid-step."""
+    marker = all_gather(f".shared_check_{os.getpid()}_{time.time_ns()}")[0]  # rank 0's name, on every rank
+    if ctx.main:
+        open(os.path.join(output_dir, marker), "w").close()
+    dist.barrier()
+    views = all_gather((socket.gethostname(), os.path.exists(os.path.join(output_dir, marker)), epoch, path,
+                        os.path.abspath(output_dir)))
+    if ctx.main:
+        os.remove(os.path.join(output_dir, marker))
+
+    def sees(e, p):
+        return f"no checkpoint at {p}" if e is None else f"a checkpoint at epoch {e} at {p}"
+    host0, _, epoch0, path0, folder0 = views[0]
+    for r, (host, shared, e, p, folder) in enumerate(views):
+        if not shared or e != epoch0:
+            if not ctx.main:
+                sys.exit(1)  # the line comes from rank 0
+            what = f"does not see in {folder} the file rank 0 wrote in {folder0}" if not shared else sees(e, p)
+            fail(f"rank {r} on {host} {what}, while rank 0 on {host0} sees {sees(epoch0, path0)}; the output folder "
+                 "must be on a filesystem all nodes share")
+
+
 def resume(cfg, method, model, optimizer, ctx):
     """Continue from --resume, or from output_dir/checkpoint.pth if it exists; returns the epoch to start from.
-    Every rank must find the same checkpoint (else the output folder is not shared: all ranks stop before any
-    step). The checkpoint's config must match this run's, apart from the settings TrainConfig.free_on_resume
+    Under torchrun every rank must see the same output folder and checkpoint (agree_on_checkpoint). The checkpoint's config must match this run's, apart from the settings TrainConfig.free_on_resume
     lists; an explicit --resume continues with the new settings and prints what changed. A run that has
     already trained cfg.epochs epochs exits 0 without training."""
     path = cfg.resume or os.path.join(cfg.output_dir, "checkpoint.pth")
     ckpt = load_checkpoint(path, method) if os.path.exists(path) or cfg.resume else None
-    views = all_gather((socket.gethostname(), ckpt["epoch"] if ckpt else None))
-    if any(epoch != views[0][1] for _, epoch in views):
-        r, (host, epoch) = next((r, v) for r, v in enumerate(views) if v[1] != views[0][1])
-        def sees(e):
-            return "no checkpoint" if e is None else f"a checkpoint at epoch {e}"
-        message = (f"rank {r} on {host} sees {sees(epoch)} at {path}, rank 0 on {views[0][0]} sees "
-                   f"{sees(views[0][1])}; the output folder must be on a filesystem all nodes share "
-                   "(or pass --resume with a path every node can read)")
-        if not ctx.main:
-            sys.exit(1)  # the line comes from rank 0
-        fail(message)
+    if distributed():
+        agree_on_checkpoint(cfg.output_dir, path, ckpt["epoch"] if ckpt else None, ctx)
     if ckpt is None:
         return 0
     old, new = ckpt["config"], dataclasses.asdict(cfg)
@@ -972,6 +997,7 @@ class TrainConfig:
     data_path: str = ""  # ImageFolder of training images (one sub-folder per class), or the word cifar10
     data_root: str = "./data"  # where --data_path cifar10 is downloaded to
     output_dir: str = "./output"  # checkpoint.pth, log.jsonl, config.json; rerun the same command to resume
+    limit: int = 0  # train on at most this many images, evenly spaced so every class stays (a quick check); 0: all
     epochs: int = 100  # training epochs
     batch_size: int = 256  # global batch over all processes and accumulation steps (the paper's number)
     micro_batch: int = 64  # per-process batch; if not given, the largest divisor of the per-process batch up to this
@@ -984,7 +1010,7 @@ class TrainConfig:
     log_every: int = 50  # optimizer steps between log lines (the first step is always logged)
 
     # The allowed range of every numeric field, in interval notation; parse_config checks them all.
-    limits: ClassVar[dict] = {"epochs": "[1, inf)", "batch_size": "[1, inf)", "micro_batch": "[1, inf)",
+    limits: ClassVar[dict] = {"limit": "[0, inf)", "epochs": "[1, inf)", "batch_size": "[1, inf)", "micro_batch": "[1, inf)",
                               "num_workers": "[0, inf)", "seed": "[0, 2147483647]", "log_every": "[1, inf)"}
     # Settings a resumed run may change: they do not change what is trained (more --epochs extends the run).
     free_on_resume: ClassVar[frozenset] = frozenset({
@@ -1041,10 +1067,13 @@ def parse_config(cls, argv=None):
         world = int(os.environ.get("WORLD_SIZE", 1))
         if values["batch_size"] % world:
             fail(f"--batch_size {values['batch_size']} does not split over {world} processes; pass a multiple of {world}")
+        per_process = values["batch_size"] // world
         if "micro_batch" not in given:
-            values["micro_batch"] = largest_divisor(values["batch_size"] // world, values["micro_batch"])
+            values["micro_batch"] = largest_divisor(per_process, values["micro_batch"])
+        elif per_process % values["micro_batch"]:
+            fail(f"--batch_size {values['batch_size']} is not a multiple of --micro_batch {values['micro_batch']} x "
+                 f"{world} process(es); change one of them (or leave --micro_batch out: it then divides the batch)")
         if "num_workers" not in given:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            per_process = max(cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
-            values["num_workers"] = min(values["num_workers"], per_process)
+            values["num_workers"] = min(values["num_workers"], max(cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1))
     return cls(**values)

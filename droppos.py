@@ -37,7 +37,7 @@ class Config(common.TrainConfig):
     epochs: int = 800  # pretraining epochs (scripts: 800; the paper also reports 200)
     warmup_epochs: int = 10  # linear lr warmup (scripts: 10 for ViT-B, 40 for ViT-L)
     batch_size: int = 4096  # global batch: the paper's 64 GPUs x the scripts' 64 per GPU
-    micro_batch: int = 64  # per-device batch; gradient accumulation makes up batch_size (speed/memory only)
+    micro_batch: int = 64  # per-device batch (speed/memory only); if not given, the largest divisor of it up to this
     blr: float = 1.5e-4  # base lr; lr = blr * batch_size / 256 (scripts, upstream main_pretrain.py)
     min_lr: float = 0.0  # end of the cosine decay (upstream main_pretrain.py)
     weight_decay: float = 0.05  # AdamW, betas (0.9, 0.95); no decay on biases and norms (upstream main_pretrain.py)

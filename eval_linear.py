@@ -60,13 +60,6 @@ def extract(encoder, dataset, cfg, device, name="images"):
     return torch.cat(feats), torch.cat(labels)
 
 
-def subset(dataset, limit):
-    if not limit or limit >= len(dataset):
-        return dataset
-    step = len(dataset) / limit  # evenly spaced, so every class of a sorted ImageFolder is kept
-    return torch.utils.data.Subset(dataset, [int(i * step) for i in range(limit)])
-
-
 @torch.no_grad()
 def knn_top1(train_x, train_y, test_x, test_y, k, temperature, num_classes):
     """DINO's weighted k-NN: the k most cosine-similar training features vote with exp(sim / T)."""
@@ -122,7 +115,7 @@ def main(cfg):
     splits = {}
     for name, path in (("train", os.path.join(cfg.data_path, "train")), ("val", val_dir)):
         dataset = common.image_dataset(path, eval_transform(arch["input_size"]))
-        splits[name] = extract(encoder, subset(dataset, cfg.limit), cfg, device, name)
+        splits[name] = extract(encoder, common.subset(dataset, cfg.limit), cfg, device, name)
         num_classes = len(dataset.classes)
     (train_x, train_y), (val_x, val_y) = splits["train"], splits["val"]
     result = {"checkpoint": cfg.checkpoint, "method": ckpt["method"], "epoch": ckpt["epoch"],

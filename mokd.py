@@ -57,7 +57,7 @@ class Config(common.TrainConfig):
     epochs: int = 100  # pretraining epochs (README: 100)
     warmup_epochs: int = 10  # linear lr warmup of both optimizers (README)
     batch_size: int = 256  # global batch (README: 16 GPUs x 16)
-    micro_batch: int = 16  # per-device batch; gradient accumulation makes up batch_size (speed/memory only)
+    micro_batch: int = 16  # per-device batch (speed/memory only); if not given, the largest divisor of it up to this
     blr_cnn: float = 0.1  # CNN SGD lr per 256 images (README: 0.1); lr = blr * batch_size / 256
     blr_vit: float = 3e-4  # ViT AdamW lr per 256 images, also the CNN T-Head's (README: 3e-4; main_mokd.py)
     min_lr_cnn: float = 0.0048  # end of the CNN's cosine lr (hard-coded in main_mokd.py)

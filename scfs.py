@@ -50,7 +50,7 @@ class Config(common.TrainConfig):
     epochs: int = 200  # pretraining epochs (README: 200; 800 for the long run)
     warmup_epochs: int = 10  # linear lr warm-up (upstream main_scfs.py)
     batch_size: int = 256  # global batch (README: 8 GPUs x 32)
-    micro_batch: int = 32  # per-device batch; gradient accumulation makes up batch_size (speed/memory only)
+    micro_batch: int = 32  # per-device batch (speed/memory only); if not given, the largest divisor of it up to this
     blr: float = 0.1  # SGD base lr; lr = blr * batch_size / 256 (README)
     min_lr: float = 0.0048  # end of the cosine, absolute (README)
     weight_decay: float = 1e-4  # SGD momentum 0.9; constant; none on biases and BN (README, upstream utils/utils.py)

@@ -36,7 +36,7 @@ class Config(common.TrainConfig):
     epochs: int = 800  # pretraining epochs (README: 800; 400 also reported)
     warmup_epochs: int = 30  # linear lr warmup (README)
     batch_size: int = 2048  # global batch, the paper's number (README: 32 GPUs x 64)
-    micro_batch: int = 64  # per-device batch; gradient accumulation makes up batch_size (speed/memory only)
+    micro_batch: int = 64  # per-device batch (speed/memory only); if not given, the largest divisor of it up to this
     blr: float = 2e-4  # base lr; lr = blr * batch_size / 256 = 1.6e-3 (README)
     min_lr: float = 0.0  # end of the cosine decay (upstream main_pretrain.py)
     weight_decay: float = 0.05  # AdamW, betas (0.9, 0.95); no decay on biases and norms (upstream main_pretrain.py)

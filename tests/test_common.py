@@ -1,6 +1,8 @@
 """Tests of common.py: timm-compatible ViT, MAE's position embedding and patch layout, schedules,
 parameter groups, attention masks, state export/import (STYLE.md; specs/hpm.md §2, §5, §9)."""
+import json
 import math
+import socket
 
 import numpy as np
 import pytest
@@ -237,3 +239,58 @@ def test_collectives_are_noops_without_a_process_group():
     x = torch.tensor([1.0, 2.0])
     assert not common.distributed()
     assert torch.equal(common.all_reduce_mean(x), x)
+
+
+# --- the logged numbers: means over micro-batches, steps and ranks ----------------------------------
+class Echo(torch.nn.Module):
+    """loss = w * batch (w = 1), so the loss of a micro-batch is its value and d loss / d w too."""
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, batch, progress):
+        loss = self.w * batch
+        return loss, {"double": 2 * batch}
+
+
+def test_step_stats_and_gradients_are_means_over_micro_batches():
+    """Two micro-batches with losses 1 and 3: the step's loss (and every stat) is their mean 2, not the last
+    micro-batch's 3; the gradient is that of the mean loss."""
+    model = Echo()
+    stats = common.forward_backward(model, [torch.tensor(1.0), torch.tensor(3.0)], 0.0, cpu_context())
+    assert stats["loss"].item() == 2.0 and stats["double"].item() == 4.0
+    assert model.w.grad.item() == 2.0
+
+
+def test_logger_logs_the_first_step_then_window_means(tmp_path):
+    """log_every 2 over 3 steps: a record at step 0 (the first step is always logged), then at step 2 the mean of
+    steps 1 and 2; log.jsonl holds exactly those; a restart at epoch 1 drops the records it will write again."""
+    cfg = common.TrainConfig(output_dir=str(tmp_path), epochs=2, log_every=2, batch_size=4)
+    log = common.Logger(cfg, cpu_context(), steps_per_epoch=3, start_epoch=0)
+    for step, loss in enumerate([2.0, 4.0, 6.0, 8.0]):
+        log.step(step, 0.1, {"loss": torch.tensor(loss)})
+    log.close()
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [(r["step"], r["epoch"], r["loss"]) for r in records] == [(0, 0, 2.0), (2, 0, 5.0)]
+    common.Logger(cfg, cpu_context(), steps_per_epoch=3, start_epoch=0).close()  # a fresh start over an old log
+    assert (tmp_path / "log.jsonl").read_text() == ""
+
+
+def _log_on_two_ranks(rank, path, port):
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    ctx = common.Context(rank, 2, torch.device("cpu"), torch.float32, torch.amp.GradScaler("cpu", enabled=False))
+    cfg = common.TrainConfig(output_dir=path, epochs=1, log_every=1, batch_size=4)
+    log = common.Logger(cfg, ctx, steps_per_epoch=1, start_epoch=0)
+    log.step(0, 0.1, {"loss": torch.tensor(float(rank + 1)), "acc": torch.tensor(float(10 * rank))})
+    log.close()
+    torch.distributed.destroy_process_group()
+
+
+def test_logged_values_are_averaged_over_ranks(tmp_path):
+    """Two processes with losses 1 and 2: rank 0 logs 1.5 (an all-reduce at log time), not its own 1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_log_on_two_ranks, args=(str(tmp_path), port), nprocs=2)
+    (record,) = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert record["loss"] == 1.5 and record["acc"] == 5.0

@@ -343,7 +343,7 @@ def test_config_preset_and_synthetic_batch(capsys):
     with pytest.raises(SystemExit) as e:
         common.parse_config(scfs.Config, ["--help"])
     assert e.value.code == 0 and "--no-search" in capsys.readouterr().out
-    cfg = common.parse_config(scfs.Config, ["--preset", "cifar10", "--micro_batch", "3"])
+    cfg = common.parse_config(scfs.Config, ["--preset", "cifar10", "--batch_size", "3"])
     assert (cfg.model, cfg.cifar_stem, cfg.input_size, cfg.local_size) == ("resnet18", True, 32, 16)
     shapes = [tuple(x.shape) for x in scfs.synthetic_batch(cfg, "cpu")]
     assert shapes == [(3, 3, 32, 32)] * 2 + [(3, 3, 16, 16)] * cfg.local_crops

@@ -52,6 +52,7 @@ def test_torchrun_two_processes_keep_identical_weights(method, image_root, tmp_p
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "Warning" not in p.stderr, p.stderr  # e.g. DDP's broadcast_buffers deprecation
     s0, s1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert s0.keys() == s1.keys()
     for k in s0:
@@ -126,6 +127,65 @@ def test_resume_is_bitwise_identical(method, image_root, tmp_path, monkeypatch):
         prefix = next(k[:-len(first)] for k in state if k.endswith(first) and torch.equal(state[k], weights[first]))
         for k, v in weights.items():
             assert torch.equal(state[prefix + k], v) and torch.equal(encoder.state_dict()[k], v), k
+
+
+# --- beyond one process: torchrun restarts, two nodes, node-local folders ------------------------------------
+def torchrun(*launcher, args, env=None):
+    """Start one torchrun agent running tests/ddp_run.py hpm with `args`; returns the Popen."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, os.path.join(ROOT, "tests", "ddp_run.py"),
+           "hpm", *map(str, args)]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def finish(*procs):
+    return [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+
+
+def test_torchrun_restart_heals_a_killed_worker(image_root, tmp_path):
+    """--max-restarts 1, rank 1 SIGKILLed right after the first checkpoint: torchrun restarts both workers, which
+    rendezvous afresh, resume epoch 1 and finish (rc 0); every step logged once; both ranks end equal."""
+    out = tmp_path / "run"
+    [(rc, err)] = finish(torchrun("--nproc_per_node=2", "--max-restarts=1", "--nnodes=1", "--master_addr=127.0.0.1",
+                                  f"--master_port={free_port()}", args=tiny_args(image_root / "train", out),
+                                  env={"KILL_RANK": "1"}))
+    assert rc == 0, err[-3000:]
+    assert "resumed from" in err and "epoch 1 of 2" in err
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == list(range(6))
+    s0, s1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+
+
+def two_nodes(image_root, out0, out1, *extra):
+    launcher = ("--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+                "--rdzv_id=two_nodes")
+    return finish(*(torchrun(*launcher, args=tiny_args(image_root / "train", out, *extra)) for out in (out0, out1)))
+
+
+def test_two_agents_as_two_nodes_train_one_epoch(image_root, tmp_path):
+    """Two torchrun agents on localhost, c10d rendezvous, one shared output folder: one epoch, equal weights."""
+    out = tmp_path / "shared"
+    results = two_nodes(image_root, out, out, "--epochs", "1")
+    assert all(rc == 0 for rc, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [0, 1, 2]
+    s0, s1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+
+
+def test_nodes_with_separate_output_folders_stop_before_any_step(image_root, tmp_path):
+    """Node-local output folders, a checkpoint in only one: every rank stops before a step, with one line naming a
+    rank and host and saying the folder must be shared; nothing is written to either folder."""
+    hpm.main(common.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path / "n0", "--epochs", "1")))
+    (tmp_path / "n1").mkdir()
+    os.remove(tmp_path / "n0" / "log.jsonl")
+    before = (tmp_path / "n0" / "checkpoint.pth").stat().st_mtime
+    results = two_nodes(image_root, tmp_path / "n0", tmp_path / "n1", "--epochs", "2")
+    assert all(rc != 0 for rc, _ in results)
+    lines = [line for _, err in results for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "the output folder must be on a filesystem all nodes share" in lines[0]
+    assert lines[0].startswith("error: rank 1 on ")
+    assert not (tmp_path / "n0" / "log.jsonl").exists() and not any((tmp_path / "n1").iterdir())
+    assert (tmp_path / "n0" / "checkpoint.pth").stat().st_mtime == before
 
 
 def error_line(stderr):
