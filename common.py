@@ -120,7 +120,7 @@ def sincos_pos_embed(dim, grid, cls_token=True, time_grid=1):
     if time_grid > 1:
         if dim % 16:
             fail(f"a width of {dim} cannot hold the space-time sin-cos table; pass widths that are multiples of 16")
-        time_dim = dim // 4  # our split: the time axis has 8 or 16 slices, space a 14 x 14 grid
+        time_dim = dim // 4  # our split: few time slices (8 at the ssv2 preset), a 14 x 14 spatial grid
         space = sincos_pos_embed(dim - time_dim, grid, cls_token=False)  # (S, 3D/4)
         omega = 1.0 / 10000 ** (torch.arange(time_dim // 2, dtype=torch.float64) / (time_dim / 2))
         angles = torch.arange(time_grid, dtype=torch.float64)[:, None] * omega[None]  # (T, D/8)
