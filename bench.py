@@ -3,6 +3,7 @@ teacher update) on synthetic input of its real shape, through the method's own t
 Run:  python bench.py hpm --model vit_small --input_size 224 --patch_size 16 --micro_batch 16 --progress 0.5
       python bench.py all                   # every method at the official-code baseline config, eager and compiled
       python bench.py all --preset cifar10  # every method at its CIFAR-10 preset (minutes on a CPU)
+      python bench.py hpm --preset ssv2 --micro_batch 8  # HPM on clips (16 x 224 px); --no-learning_loss: VideoMAE
 One method prints one JSON line (img/s, ms/step, peak memory, FLOPs per step and MFU where the device's peak is
 known); `all` runs each config in its own process and ends with a markdown table. Every flag after the method
 name that bench.py does not know goes to the method's config, so `python bench.py hpm --no-learning_loss ...`
@@ -51,6 +52,8 @@ def synthetic_batch(module, cfg, device):
     """One micro-batch of the method's input shape (random pixels, fixed for the run)."""
     if hasattr(module, "synthetic_batch"):  # methods with multi-crop inputs define their own
         return module.synthetic_batch(cfg, device)
+    if getattr(cfg, "num_frames", 1) > 1:  # clips (3, T, H, W), as common.ClipFolder yields them
+        return torch.randn(cfg.micro_batch, 3, cfg.num_frames, cfg.input_size, cfg.input_size, device=device)
     return torch.randn(cfg.micro_batch, 3, cfg.input_size, cfg.input_size, device=device)
 
 
@@ -91,7 +94,7 @@ def bench_one(args, rest):
     peak = peak_flops(ctx.device, str(ctx.dtype).removeprefix("torch."))
     print(json.dumps({
         "method": args.method, "model": cfg.model, "input_size": cfg.input_size,
-        "patch_size": getattr(cfg, "patch_size", None),
+        "patch_size": getattr(cfg, "patch_size", None), "num_frames": getattr(cfg, "num_frames", 1),
         "device": str(ctx.device) if ctx.device.type == "cpu" else torch.cuda.get_device_name(),
         "dtype": str(ctx.dtype).removeprefix("torch."), "compile": cfg.compile, "threads": torch.get_num_threads(),
         "micro_batch": cfg.micro_batch, "progress": args.progress, "lr": lr,
@@ -136,11 +139,14 @@ def main():
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, caches)")
     parser.add_argument("--progress", type=float, default=0.5, help="position in the schedule, in [0, 1)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--preset", choices=["cifar10"], help="with all: every method at this preset instead")
+    parser.add_argument("--preset", help="the method's preset (hpm: cifar10, ssv2, video_tiny); with all: cifar10, "
+                        "every method at it instead")
     args, rest = parser.parse_known_args()
     if args.steps < 1 or args.warmup < 0 or not 0 <= args.progress < 1 or args.threads < 0:
         common.fail("--steps must be >= 1, --warmup >= 0, --threads >= 0 and --progress in [0, 1)")
     if args.method == "all":
+        if args.preset not in (None, "cifar10"):
+            common.fail(f"all --preset {args.preset}: only cifar10 is a preset of every method; time one method instead")
         bench_all(args, rest)
     elif args.method in ("hpm", "droppos", "semaim", "mokd", "scfs"):
         bench_one(args, (["--preset", args.preset] if args.preset else []) + rest)

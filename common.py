@@ -1,14 +1,15 @@
 """common.py: what two or more of our methods use unchanged and is not a paper's idea.
 
-ViT with timm's parameter names on one SDPA attention, fixed 2-D sin-cos position embeddings, patchify,
-image-folder loading with one-line errors, MAE and DINO augmentation, distributed setup with guarded
-collectives, the gradient-accumulation step, per-step schedules, AdamW parameter groups, DINO's head, loss
-and EMA, checkpoints that resume exactly, logging, and config parsing.
+ViT with timm's parameter names on one SDPA attention (also space-time, on clips), fixed sin-cos position
+embeddings, patchify, image-folder and clip-folder loading with one-line errors, MAE, VideoMAE and DINO
+augmentation, distributed setup with guarded collectives, the gradient-accumulation step, per-step schedules,
+AdamW parameter groups, DINO's head, loss and EMA, checkpoints that resume exactly, logging, and config parsing.
 The contract with a training program is `TrainConfig` (at the end): the fields this file reads.
-Shapes: B batch, N patches, D width, P = patch*patch*3.
+Shapes: B batch, N patches (clips: tubelets), D width, P = patch*patch*3 (clips: tubelet*patch*patch*3).
 """
 import argparse
 import dataclasses
+import importlib.util
 import inspect
 import itertools
 import json
@@ -108,9 +109,24 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-def sincos_pos_embed(dim, grid, cls_token=True):
+def sincos_pos_embed(dim, grid, cls_token=True, time_grid=1):
     """Fixed 2-D sin-cos embedding (MAE's layout: first half encodes the column, second the row;
-    sin then cos in each half), computed in float64 like MAE's numpy code. -> (1 + grid*grid, dim)."""
+    sin then cos in each half), computed in float64 like MAE's numpy code. -> (1 + grid*grid, dim).
+    Clips of time_grid > 1 slices: tokens in (time, row, col) order, each the 2-D table of its spatial location
+    in the first 3/4 of the channels and a 1-D sin-cos of its time slice in the last quarter (sin then cos)
+    -> (1 + time_grid*grid*grid, dim); one slice is the image table. NOTE(official): VideoMAE uses a 1-D
+    table over the raster index of all tokens and has no cls slot (modeling_finetune.py,
+    get_sinusoid_encoding_table); ours keeps the grid's structure and reduces to MAE's table for images."""
+    if time_grid > 1:
+        if dim % 16:
+            fail(f"a width of {dim} cannot hold the space-time sin-cos table; pass widths that are multiples of 16")
+        time_dim = dim // 4  # our split: few time slices (8 at the ssv2 preset), a 14 x 14 spatial grid
+        space = sincos_pos_embed(dim - time_dim, grid, cls_token=False)  # (S, 3D/4)
+        omega = 1.0 / 10000 ** (torch.arange(time_dim // 2, dtype=torch.float64) / (time_dim / 2))
+        angles = torch.arange(time_grid, dtype=torch.float64)[:, None] * omega[None]  # (T, D/8)
+        time = torch.cat([angles.sin(), angles.cos()], dim=1).float()  # (T, D/4)
+        emb = torch.cat([space.repeat(time_grid, 1), time.repeat_interleave(grid * grid, dim=0)], dim=1)  # (T*S, D)
+        return torch.cat([torch.zeros(1, dim), emb]) if cls_token else emb
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
     rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
                                 torch.arange(grid, dtype=torch.float64), indexing="ij")
@@ -125,34 +141,52 @@ def sincos_pos_embed(dim, grid, cls_token=True):
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, patch_size, dim):
+    """A linear map of each p x p patch (Conv2d); clips (tubelet_size > 0): of each t x p x p tubelet (Conv3d, as
+    VideoMAE's modeling_finetune.py PatchEmbed), tokens in (time, row, col) order."""
+    def __init__(self, patch_size, dim, tubelet_size=0):
         super().__init__()
-        self.proj = nn.Conv2d(3, dim, patch_size, patch_size)
+        if tubelet_size:
+            size = (tubelet_size, patch_size, patch_size)
+            self.proj = nn.Conv3d(3, dim, size, size)
+        else:
+            self.proj = nn.Conv2d(3, dim, patch_size, patch_size)
 
     def forward(self, imgs):
         return self.proj(imgs).flatten(2).transpose(1, 2)  # (B, N, D)
 
 
 class VisionTransformer(nn.Module):
-    """ViT encoder, no classifier; grid = img_size // patch_size; fixed sin-cos PE (no gradient, as MAE)."""
+    """ViT encoder, no classifier; grid = img_size // patch_size; fixed sin-cos PE (no gradient, as MAE).
+    num_frames > 1: a space-time ViT on clips (B, 3, T, H, W): tubelets of tubelet_size frames, time_grid =
+    num_frames // tubelet_size slices of grid x grid tokens. num_frames = 1 is the image model, unchanged.
+    NOTE(official): VideoMAE's encoder has no cls token; ours keeps it, so one ViT and one checkpoint layout
+    (timm's) serve images and clips (VideoMAE fine-tunes on the mean of the patch tokens, which ignores it)."""
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                 mlp_ratio=4.0, drop_path=0.0):
+                 mlp_ratio=4.0, drop_path=0.0, num_frames=1, tubelet_size=1):
         super().__init__()
         if img_size % patch_size:
             fail(f"--input_size {img_size} is not a multiple of --patch_size {patch_size}; pick sizes that divide")
+        if num_frames % tubelet_size:
+            fail(f"--num_frames {num_frames} is not a multiple of --tubelet_size {tubelet_size}; "
+                 "pick sizes that divide")
         self.patch_size, self.grid = patch_size, img_size // patch_size
-        self.num_patches, self.embed_dim = self.grid ** 2, embed_dim
-        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.num_frames, self.tubelet_size, self.time_grid = num_frames, tubelet_size, num_frames // tubelet_size
+        self.num_patches, self.embed_dim = self.time_grid * self.grid ** 2, embed_dim
+        self.patch_embed = PatchEmbed(patch_size, embed_dim, tubelet_size if num_frames > 1 else 0)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, self.grid)[None], requires_grad=False)
+        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, self.grid, time_grid=self.time_grid)[None],
+                                      requires_grad=False)
         rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth grows with depth
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
 
     def embed_patches(self, imgs):
         """(B, 3, H, W) -> patch tokens with their position embedding, (B, N, D); another image size
-        gets the embedding resized to its grid (DINO's multi-crop: 96 px local crops)."""
+        gets the embedding resized to its grid (DINO's multi-crop: 96 px local crops). Clips (B, 3, T, H, W)
+        -> (B, N, D), N = time_grid * grid * grid, at the model's own size only."""
         x = self.patch_embed(imgs)
+        if imgs.ndim == 5:
+            return x + self.pos_embed[:, 1:]
         return x + resize_pos_embed(self.pos_embed[:, 1:], imgs.shape[-1] // self.patch_size)
 
     def forward_tokens(self, tokens, attn_mask=None):
@@ -180,11 +214,12 @@ def resize_pos_embed(pos, grid):
     return x.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
 
 
-def vit(name, img_size, patch_size, drop_path=0.0):
+def vit(name, img_size, patch_size, drop_path=0.0, num_frames=1, tubelet_size=1):
     if name not in VIT_SIZES:
         fail(f"unknown --model {name}; choose one of {', '.join(VIT_SIZES)}")
     width, depth, heads = VIT_SIZES[name]
-    return VisionTransformer(img_size, patch_size, width, depth, heads, drop_path=drop_path)
+    return VisionTransformer(img_size, patch_size, width, depth, heads, drop_path=drop_path, num_frames=num_frames,
+                             tubelet_size=tubelet_size)
 
 
 def init_mae_weights(module):
@@ -202,8 +237,15 @@ def init_mae_weights(module):
             nn.init.normal_(m.cls_token, std=0.02)
 
 
-def patchify(imgs, p):
-    """(B, 3, H, W) -> (B, N, p*p*3), each patch laid out (row, col, channel) as MAE."""
+def patchify(imgs, p, tubelet=1):
+    """(B, 3, H, W) -> (B, N, p*p*3), each patch laid out (row, col, channel) as MAE. Clips (B, 3, T, H, W) ->
+    (B, N, t*p*p*3), t = tubelet: tubelets in (time, row, col) order, each laid out (frame, row, col, channel)
+    as VideoMAE's rearrange '(t p0) (h p1) (w p2) -> (t h w) (p0 p1 p2 c)' (engine_for_pretraining.py)."""
+    if imgs.ndim == 5:
+        B, C, T, H, W = imgs.shape
+        x = imgs.reshape(B, C, T // tubelet, tubelet, H // p, p, W // p, p)
+        x = torch.einsum("bcxthpwq->bxhwtpqc", x)  # (B, T/t, H/p, W/p, t, p, p, C)
+        return x.reshape(B, (T // tubelet) * (H // p) * (W // p), tubelet * p * p * C)
     B, C, H, W = imgs.shape
     x = imgs.reshape(B, C, H // p, p, W // p, p)
     return torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
@@ -270,6 +312,144 @@ def image_dataset(path, transform, data_root="./data", train=True):
     except (FileNotFoundError, RuntimeError) as e:  # no class folders / no image files
         fail(f"no images found under {path} ({str(e).splitlines()[0]}); an ImageFolder needs "
              "<path>/<class>/<image>.jpg")
+
+
+# --- Clips: class folders of videos (frame folders or video files), VideoMAE's sampling and crop ---------
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv")
+FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def clip_indices(video_frames, num_frames, sampling_rate, start):
+    """The frame indices of one clip, as VideoMAE's loader (kinetics.py, VideoMAE._video_TSN_decord_batch_loader):
+    start, start + s, ...; a step is taken only while it stays below the video's last frame, so a video shorter
+    than num_frames * s repeats its last reachable frame."""
+    ids, i = [], start
+    for _ in range(num_frames):
+        ids.append(i)
+        if i + sampling_rate + 1 < video_frames:
+            i += sampling_rate
+    return ids
+
+
+class MultiScaleCrop:
+    """VideoMAE's pretraining crop (transforms.py, GroupMultiScaleCrop with scales 1, .875, .75, .66): crop sides
+    are the scales times the short side (snapped to the output size within 3 px), width and height at most one
+    scale apart; the crop sits at one of 13 fixed places (corners, centre, edge centres, quarter points) and is
+    resized to size x size (bilinear). One crop for all frames of a clip; torch's RNG instead of `random`."""
+    OFFSETS = ((0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0), (1, 1), (3, 1), (1, 3), (3, 3))
+
+    def __init__(self, size, scales=(1, .875, .75, .66), max_distort=1):
+        self.size, self.scales, self.max_distort = size, scales, max_distort
+
+    def params(self, width, height):
+        """-> (crop width, crop height, left, top) for a frame of width x height."""
+        sides = [int(min(width, height) * s) for s in self.scales]
+        sides = [self.size if abs(x - self.size) < 3 else x for x in sides]
+        pairs = [(w, h) for i, h in enumerate(sides) for j, w in enumerate(sides) if abs(i - j) <= self.max_distort]
+        crop_w, crop_h = pairs[int(torch.randint(len(pairs), ()))]
+        x, y = self.OFFSETS[int(torch.randint(len(self.OFFSETS), ()))]
+        return crop_w, crop_h, x * ((width - crop_w) // 4), y * ((height - crop_h) // 4)
+
+    def __call__(self, frames):
+        w, h, left, top = self.params(*frames[0].size)
+        return [f.crop((left, top, left + w, top + h)).resize((self.size, self.size), Image.BILINEAR) for f in frames]
+
+
+class ClipTransform:
+    """A clip's frames (T PIL images) -> (3, T, H, W): `crop` on all frames at once (one crop for the clip; None:
+    none), then `frame_transform` (PIL -> normalised (3, H, W) tensor) on each frame."""
+    def __init__(self, frame_transform, crop=None):
+        self.frame_transform, self.crop = frame_transform, crop
+
+    def __call__(self, frames):
+        frames = self.crop(frames) if self.crop is not None else frames
+        return torch.stack([self.frame_transform(f) for f in frames], dim=1)
+
+
+def videomae_transform(size):
+    """VideoMAE's pretraining augmentation (datasets.py, DataAugmentationForVideoMAE): multi-scale crop, no flip,
+    ImageNet normalisation."""
+    return ClipTransform(transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]),
+                         MultiScaleCrop(size))
+
+
+class ClipFolder(torch.utils.data.Dataset):
+    """Videos in class folders, root/<class>/<video>: a video is a folder of frames (sorted by name, read with PIL)
+    or a video file (decoded with TorchCodec). A sample is num_frames frames sampling_rate apart (clip_indices) from
+    a random start (VideoMAE's _sample_train_indices: uniform over the starts that fit, else 0), or from the centre
+    with train=False, through `transform` -> (clip (3, T, H, W), label, skipped). Unreadable videos are skipped as
+    ImageFolder's images: named once (with the frame at fault), replaced by the next video, counted."""
+    max_skips = 16
+    reported = set()  # per process
+
+    def __init__(self, root, transform, num_frames, sampling_rate, train=True):
+        self.root, self.transform, self.num_frames, self.rate, self.train = (
+            root, transform, num_frames, sampling_rate, train)
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        self.samples = [(e.path, label) for label, c in enumerate(self.classes)
+                        for e in sorted(os.scandir(os.path.join(root, c)), key=lambda e: e.name)
+                        if e.is_dir() or e.name.lower().endswith(VIDEO_EXTENSIONS)]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def start(self, video_frames):
+        last = max(video_frames - self.num_frames * self.rate, 0)  # the last start that fits, 0 if none does
+        return int(torch.randint(last + 1, ())) if self.train else last // 2
+
+    def read(self, path):
+        """-> the clip's frames as PIL images; raises on an unreadable video or frame."""
+        if os.path.isdir(path):
+            names = sorted(f for f in os.listdir(path) if f.lower().endswith(FRAME_EXTENSIONS))
+            if not names:
+                raise OSError("no frames in the folder")
+            ids = clip_indices(len(names), self.num_frames, self.rate, self.start(len(names)))
+            frames = {}
+            for i in sorted(set(ids)):
+                frame = os.path.join(path, names[i])
+                try:
+                    with Image.open(frame) as img:
+                        frames[i] = img.convert("RGB")
+                except Exception as e:
+                    raise OSError(f"frame {frame}: {type(e).__name__}: {e}") from e
+            return [frames[i] for i in ids]
+        from torchcodec.decoders import VideoDecoder  # checked by clip_dataset
+        decoder = VideoDecoder(path)
+        ids = clip_indices(len(decoder), self.num_frames, self.rate, self.start(len(decoder)))
+        unique = sorted(set(ids))
+        data = decoder.get_frames_at(unique).data  # (k, 3, H, W) uint8
+        frames = {i: Image.fromarray(x.permute(1, 2, 0).numpy()) for i, x in zip(unique, data)}
+        return [frames[i] for i in ids]
+
+    def __getitem__(self, index):
+        for skipped in range(self.max_skips):
+            path, label = self.samples[(index + skipped) % len(self.samples)]
+            try:
+                frames = self.read(path)
+            except Exception as e:
+                if path not in self.reported:
+                    self.reported.add(path)
+                    print(f"warning: skipping unreadable video {path} ({type(e).__name__}: {e})", file=sys.stderr)
+                continue
+            return self.transform(frames), label, skipped
+        return self.transform([Image.new("RGB", (8, 8))] * self.num_frames), label, -(index + 1)
+
+
+def clip_dataset(path, transform, num_frames, sampling_rate, train=True):
+    """A ClipFolder with one-line errors (no folder, no videos, video files without TorchCodec)."""
+    if not path:
+        fail("no --data_path given; pass a folder of class folders of videos (frame folders or video files)")
+    if not os.path.isdir(path):
+        fail(f"--data_path {path} is not a directory; pass a folder of class folders of videos")
+    dataset = ClipFolder(path, transform, num_frames, sampling_rate, train)
+    if not dataset.samples:
+        fail(f"no videos found under {path}; clips need <path>/<class>/<video>/<frame>.jpg or "
+             f"<path>/<class>/<video>{{{','.join(VIDEO_EXTENSIONS)}}}")
+    files = [p for p, _ in dataset.samples if not os.path.isdir(p)]
+    if files and importlib.util.find_spec("torchcodec") is None:
+        fail(f"{path} holds video files (such as {files[0]}) and decoding them needs TorchCodec (torchvision no longer "
+             "decodes video); pip install torchcodec, or extract the frames into <class>/<video>/<frame>.jpg")
+    return dataset
 
 
 def subset(dataset, limit):
@@ -807,7 +987,8 @@ def load_checkpoint(path, method=None):
 def load_encoder(path, name=""):
     """The encoder of one of our checkpoints, for evaluation and fine-tuning: ckpt["encoders"][name] when the method
     saved several (MOKD: cnn, vit), else the one stored at the top level of its model, built from its config.
-    -> (encoder in eval mode, ckpt, arch); arch = {model, input_size, patch_size (ViT) / cifar_stem (ResNet)}."""
+    -> (encoder in eval mode, ckpt, arch); arch = {model, input_size, patch_size, num_frames, tubelet_size (ViT;
+    num_frames > 1: a clip model) / cifar_stem (ResNet)}."""
     ckpt = load_checkpoint(path)
     if ckpt.get("encoders"):
         names = sorted(ckpt["encoders"])
@@ -820,15 +1001,19 @@ def load_encoder(path, name=""):
     else:
         cfg = ckpt["config"]
         arch = {"model": cfg.get("model"), "input_size": cfg.get("input_size"), "patch_size": cfg.get("patch_size", 16),
-                "cifar_stem": cfg.get("cifar_stem", False)}
+                "cifar_stem": cfg.get("cifar_stem", False), "num_frames": cfg.get("num_frames", 1),
+                "tubelet_size": cfg.get("tubelet_size", 1)}
         state = ckpt["model"]
     vit_arch = isinstance(arch["model"], str) and arch["model"] in VIT_SIZES
     sizes_ok = isinstance(arch.get("input_size"), int) and (not vit_arch or isinstance(arch.get("patch_size"), int))
+    frames, tubelet = arch.get("num_frames", 1), arch.get("tubelet_size", 1)
+    sizes_ok = (sizes_ok and isinstance(frames, int) and isinstance(tubelet, int) and 1 <= tubelet <= frames
+                and frames % tubelet == 0)
     if not sizes_ok or not (vit_arch or hasattr(torchvision.models, str(arch["model"]))):
         fail(f"{path} names no encoder we can build (model {arch['model']!r}, input size {arch.get('input_size')!r}); "
              "pass a checkpoint written by one of our training scripts")
     if vit_arch:
-        encoder = vit(arch["model"], arch["input_size"], arch["patch_size"])
+        encoder = vit(arch["model"], arch["input_size"], arch["patch_size"], num_frames=frames, tubelet_size=tubelet)
     else:
         encoder = resnet(arch["model"], arch.get("cifar_stem", False))
     wanted = encoder.state_dict()

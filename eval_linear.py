@@ -1,8 +1,10 @@
 """eval_linear.py: k-NN and linear-probe top-1 on the frozen encoder of any of our checkpoints.
-Features are extracted once (ViT: cls token after the final norm; ResNet: global pool), then
+Features are extracted once (ViT: cls token after the final norm; ResNet: global pool; a video ViT: the mean
+of the patch tokens of one centre clip per video, VideoMAE's pooling), then
 k-NN is DINO's weighted vote (k=20, T=0.07, cosine similarity) and the linear probe is MAE's head
 (BatchNorm without affine + linear layer) trained with SGD on the cached features.
 Run: python eval_linear.py --checkpoint output_hpm/checkpoint.pth --data_path /imagenet  (train/ and val/)
+     (a video checkpoint: data_path holds train/ and val/ folders of class folders of videos)
 The last line printed is JSON with knn_top1 and linear_top1 (percent)."""
 import json
 import os
@@ -20,7 +22,7 @@ import common
 @dataclass
 class Config:
     checkpoint: str = ""  # checkpoint.pth written by hpm.py (or another of our training scripts)
-    data_path: str = ""  # root holding train/ and val/ (or test/) ImageFolders
+    data_path: str = ""  # root holding train/ and val/ (or test/) ImageFolders (video checkpoints: clip folders)
     batch_size: int = 256  # images per forward pass during feature extraction
     num_workers: int = 8  # data loader processes
     device: str = "auto"  # auto (cuda if available), cuda or cpu
@@ -46,15 +48,16 @@ def eval_transform(size):
 
 
 @torch.no_grad()
-def extract(encoder, dataset, cfg, device, name="images"):
-    """-> features (n, D) float32 and labels (n,), on the CPU."""
+def extract(encoder, dataset, cfg, device, name="images", pool="cls"):
+    """-> features (n, D) float32 and labels (n,), on the CPU. pool (ViT): cls, or mean of the patch tokens."""
     loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, num_workers=cfg.num_workers)
     feats, labels = [], []
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for images, y, _ in common.progress_bar(iterable=loader, desc=f"features of {name}", unit="batch", leave=False):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = encoder(images.to(device, non_blocking=True))
-        out = out[:, 0] if out.ndim == 3 else out  # ViT: cls token after the final norm
+        if out.ndim == 3:  # ViT: cls token after the final norm, or the mean of the patch tokens
+            out = out[:, 0] if pool == "cls" else out[:, 1:].mean(1)
         feats.append(out.float().cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
@@ -111,11 +114,17 @@ def main(cfg):
     val_dir = next((os.path.join(cfg.data_path, d) for d in ("val", "test")
                     if os.path.isdir(os.path.join(cfg.data_path, d))), None)
     if val_dir is None or not os.path.isdir(os.path.join(cfg.data_path, "train")):
-        common.fail(f"--data_path {cfg.data_path!r} must hold train/ and val/ (or test/) ImageFolders")
+        kind = "folders of class folders of videos" if arch.get("num_frames", 1) > 1 else "ImageFolders"
+        common.fail(f"--data_path {cfg.data_path!r} must hold train/ and val/ (or test/) {kind}")
     splits = {}
     for name, path in (("train", os.path.join(cfg.data_path, "train")), ("val", val_dir)):
-        dataset = common.image_dataset(path, eval_transform(arch["input_size"]))
-        splits[name] = extract(encoder, common.subset(dataset, cfg.limit), cfg, device, name)
+        if arch.get("num_frames", 1) > 1:  # the centre clip of each video, each frame as an image
+            dataset = common.clip_dataset(path, common.ClipTransform(eval_transform(arch["input_size"])),
+                                          arch["num_frames"], ckpt["config"].get("sampling_rate", 1), train=False)
+            splits[name] = extract(encoder, common.subset(dataset, cfg.limit), cfg, device, name, pool="mean")
+        else:
+            dataset = common.image_dataset(path, eval_transform(arch["input_size"]))
+            splits[name] = extract(encoder, common.subset(dataset, cfg.limit), cfg, device, name)
         num_classes = len(dataset.classes)
     (train_x, train_y), (val_x, val_y) = splits["train"], splits["val"]
     result = {"checkpoint": cfg.checkpoint, "method": ckpt["method"], "epoch": ckpt["epoch"],

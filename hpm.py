@@ -2,8 +2,11 @@
 second decoder tower that learns which patches are hard to reconstruct (a pairwise ranking loss on the
 per-patch reconstruction losses). An EMA copy of the model scores the full image and the predicted-
 hardest patches are masked, a share that grows over training from 0 to half of the masked patches.
+On clips (the TPAMI extension, --preset ssv2): VideoMAE's tube masking, the hardest tubes masked.
 Paper: arXiv 2304.05919 (TPAMI: 2312.13714).  Run: torchrun --nproc_per_node=8 hpm.py --data_path /imagenet/train
 Shapes: B batch, N patches, K kept (visible), M masked, D encoder width, Dd decoder width, P = patch*patch*3.
+Clips: N = T' x S tubelets (T' time slices of S spatial locations); K and M count spatial locations (tubes),
+so T'K tokens are visible; P = t*patch*patch*3.
 To reuse: copy this file and common.py."""
 import copy
 from dataclasses import dataclass
@@ -24,6 +27,9 @@ class Config(common.TrainConfig):
     model: str = "vit_base"  # encoder: vit_tiny, vit_small, vit_base, vit_large (paper: ViT-B/16, ViT-L/16)
     input_size: int = 224  # image side in pixels
     patch_size: int = 16  # patch side; the grid is input_size // patch_size
+    num_frames: int = 1  # frames per clip; 1 = images (the TPAMI video setting, VideoMAE's scripts: 16)
+    tubelet_size: int = 1  # frames per tubelet of the space-time patch embedding (VideoMAE: 2); 1 for images
+    sampling_rate: int = 4  # clips: every s-th frame of the video (VideoMAE's scripts: SSv2 2, Kinetics-400 4)
     drop_path: float = 0.0  # stochastic depth of the encoder (official models_mae_learn_loss.py: none)
     decoder_dim: int = 512  # width of both decoder towers (official models_mae_learn_loss.py: 512)
     decoder_depth: int = 8  # blocks in each tower; the predictor is as deep as the decoder (official: 8)
@@ -40,10 +46,11 @@ class Config(common.TrainConfig):
     blr: float = 1.5e-4  # base lr; lr = blr * batch_size / 256 (PRETRAIN.md, upstream main_pretrain.py)
     min_lr: float = 0.0  # end of the cosine decay (upstream main_pretrain.py)
     weight_decay: float = 0.05  # AdamW, betas (0.9, 0.95); no decay on biases and norms (upstream main_pretrain.py)
-    clip_grad: float = 5.0  # global grad-norm clip, on by default in the official loss scaler (util/misc.py)
+    clip_grad: float = 5.0  # global grad-norm clip, on by default in the official loss scaler (util/misc.py); 0: none
 
     limits: ClassVar[dict] = {
-        "input_size": "[1, inf)", "patch_size": "[1, inf)", "drop_path": "[0, 1)", "decoder_dim": "[1, inf)",
+        "input_size": "[1, inf)", "patch_size": "[1, inf)", "num_frames": "[1, inf)", "tubelet_size": "[1, inf)",
+        "sampling_rate": "[1, inf)", "drop_path": "[0, 1)", "decoder_dim": "[1, inf)",
         "decoder_depth": "[1, inf)", "decoder_heads": "[1, inf)", "mask_ratio": "(0, 1)", "hard_ratio_max": "[0, 1]",
         "warmup_epochs": "[0, inf)", "blr": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)",
         "clip_grad": "[0, inf)"}
@@ -52,6 +59,21 @@ class Config(common.TrainConfig):
         "cifar10": dict(model="vit_tiny", input_size=32, patch_size=4, decoder_dim=128, decoder_depth=4,
                         decoder_heads=4, epochs=100, warmup_epochs=10, batch_size=512, micro_batch=256,
                         num_workers=8, output_dir="./output_hpm_cifar10"),
+        # The TPAMI video setting on VideoMAE's SSv2 recipe (scripts/ssv2/videomae_vit_base_patch16_224_tubemasking_
+        # ratio_0.9_epoch_800/pretrain.sh and run_mae_pretraining.py): ViT-B, 16 frames x 224 px, 2 x 16 x 16 tubelets,
+        # tube masking 0.9, decoder 384 x 4 (6 heads; modeling_pretrain.py), normalised tubelets, 32 x 64 GPUs,
+        # blr 1.5e-4 (lr 1.2e-3), min_lr 1e-5 x 2048/256, warm-up 40 of 800 epochs (the script passes 801 to dodge
+        # a crash in its last epoch: PRETRAIN.md), no gradient clipping. Kinetics-400: --sampling_rate 4. Not fixed
+        # by the paper, so as for images: alpha_T = 0.5 of the masked tubes, the EMA ramp, the ranking loss's weight 1.
+        "ssv2": dict(model="vit_base", input_size=224, patch_size=16, num_frames=16, tubelet_size=2, sampling_rate=2,
+                     mask_ratio=0.9, decoder_dim=384, decoder_depth=4, decoder_heads=6, norm_pix_loss=True,
+                     epochs=800, warmup_epochs=40, batch_size=2048, micro_batch=32, blr=1.5e-4, min_lr=8e-5,
+                     clip_grad=0.0, output_dir="./output_hpm_ssv2"),
+        # CPU-sized clips: ViT-Tiny, 8 frames x 32 px, 2 x 4 x 4 tubelets (4 x 64 tokens), a light decoder.
+        "video_tiny": dict(model="vit_tiny", input_size=32, patch_size=4, num_frames=8, tubelet_size=2,
+                           sampling_rate=2, mask_ratio=0.9, decoder_dim=128, decoder_depth=2, decoder_heads=4,
+                           norm_pix_loss=True, epochs=20, warmup_epochs=2, batch_size=32, blr=1.5e-3, clip_grad=0.0,
+                           output_dir="./output_hpm_video_tiny"),
     }
 
 
@@ -66,6 +88,22 @@ def mask_order(batch, num_patches, device, scores=None, num_hard=0):
         hard = scores.topk(num_hard, dim=1).indices  # (B, num_hard)
         noise.scatter_(1, hard, 2.0)  # sorted after every other patch, so never among the first K
     return noise.argsort(dim=1)
+
+
+def tube_ids(ids, time_grid, num_locations):
+    """Spatial ids (B, k) -> the tokens of those locations in every time slice, slice by slice, (B, time_grid * k):
+    VideoMAE's tube masking, one spatial mask tiled over time (masking_generator.py, TubeMaskingGenerator).
+    One slice (images): the ids themselves."""
+    offsets = torch.arange(time_grid, device=ids.device) * num_locations  # (T',)
+    return (offsets[None, :, None] + ids[:, None, :]).flatten(1)
+
+
+def visible_count(num_locations, mask_ratio, clips=False):
+    """K: images keep int(N (1 - r)) patches (official models_mae_learn_loss.py); clips mask int(r S) locations per
+    slice (VideoMAE's TubeMaskingGenerator). They differ at S = 196, r = 0.9: 19 vs 20 visible."""
+    if clips:
+        return num_locations - int(mask_ratio * num_locations)
+    return int(num_locations * (1 - mask_ratio))
 
 
 def order_to_mask(ids, num_visible):
@@ -90,6 +128,19 @@ def reconstruction_loss(recon, target, norm_pix):
     if norm_pix:
         target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
     return (recon.float() - target).pow(2).mean(-1)
+
+
+def tubelet_targets(clips, patch, tubelet, normalize, mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD):
+    """VideoMAE's targets (engine_for_pretraining.py): the pixels back in [0, 1], cut into tubelets laid out (frame,
+    row, col, channel); normalize: every tubelet per channel over its t*p*p values, (x - mean) / (std + 1e-6),
+    unbiased std (unlike MAE's per-patch rule over all values, eps inside the sqrt). (B, 3, T, H, W) -> (B, N, P)"""
+    clips = clips.float() * clips.new_tensor(std).view(3, 1, 1, 1) + clips.new_tensor(mean).view(3, 1, 1, 1)
+    x = patchify(clips, patch, tubelet)  # (B, N, t*p*p*3)
+    if not normalize:
+        return x
+    x = x.view(*x.shape[:2], -1, 3)  # (B, N, t*p*p, 3)
+    x = (x - x.mean(2, keepdim=True)) / (x.var(2, keepdim=True).sqrt() + 1e-6)
+    return x.flatten(2)
 
 
 def ranking_loss(pred, target):
@@ -150,18 +201,23 @@ class HPM(nn.Module):
     def __init__(self, encoder, decoder_dim=512, decoder_depth=8, decoder_heads=16, mask_ratio=0.75,
                  norm_pix_loss=False, learning_loss=True, relative=True, hard_ratio_max=0.5, epochs=200):
         super().__init__()
-        self.encoder, N = encoder, encoder.num_patches
-        self.num_visible = int(N * (1 - mask_ratio))  # K, as the official int(L * (1 - r))
-        self.num_masked = N - self.num_visible  # M
+        self.encoder, S = encoder, encoder.grid ** 2  # S spatial locations (= N for images)
+        self.num_visible = visible_count(S, mask_ratio, clips=encoder.num_frames > 1)  # K
+        self.num_masked = S - self.num_visible  # M
         self.norm_pix_loss, self.relative, self.hard_ratio_max, self.epochs = (
             norm_pix_loss, relative, hard_ratio_max, epochs)
-        out_dim = encoder.patch_size ** 2 * 3
+        out_dim = encoder.tubelet_size * encoder.patch_size ** 2 * 3
         # Decoder stem shared by both towers: embedding, mask token, fixed sin-cos positions (as upstream).
+        # NOTE(official): on clips VideoMAE's decoder embedding has no bias and its mask token is drawn from a
+        # normal truncated at +-0.02 (modeling_pretrain.py); we keep HPM's image decoder unchanged.
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.register_buffer("decoder_pos_embed", common.sincos_pos_embed(decoder_dim, encoder.grid)[None])
+        self.register_buffer("decoder_pos_embed", common.sincos_pos_embed(
+            decoder_dim, encoder.grid, time_grid=encoder.time_grid)[None])
         self.decoder = Tower(decoder_dim, decoder_depth, decoder_heads, out_dim)  # reconstructs pixels
         self.predictor = Tower(decoder_dim, decoder_depth, decoder_heads, out_dim) if learning_loss else None
+        # NOTE(official): VideoMAE leaves its Conv3d patch embedding at PyTorch's default init (modeling_pretrain.py
+        # initialises Linear and LayerNorm only); MAE's xavier rule here for images and clips alike.
         common.init_mae_weights(self)
         nn.init.normal_(self.mask_token, std=0.02)
         self.teacher = None
@@ -185,10 +241,13 @@ class HPM(nn.Module):
 
     @torch.no_grad()
     def teacher_scores(self, imgs):
-        """Teacher pass on the full, unmasked image: predicted difficulty of every patch, (B, N)."""
+        """Teacher pass on the full, unmasked image or clip: predicted difficulty per spatial location, (B, S).
+        Clips: the predictor scores every space-time token and a tube scores the mean over its time slices (the
+        paper leaves the reduction open; the mean is our choice), so the hard set is a set of whole tubes."""
         t = self.teacher
         tokens = t["decoder_embed"](t["encoder"](imgs)) + self.decoder_pos_embed  # (B, 1 + N, Dd)
-        return predicted_loss(t["predictor"], t["predictor"].features(tokens))[:, 1:].float()
+        scores = predicted_loss(t["predictor"], t["predictor"].features(tokens))[:, 1:].float()  # (B, N)
+        return scores.view(scores.shape[0], self.encoder.time_grid, -1).mean(1)  # (B, S); images: unchanged
 
     def decoder_tokens(self, latent, ids_keep, ids_masked):
         """[cls, visible tokens, mask tokens], each with its position; visible first, then masked, in
@@ -200,24 +259,33 @@ class HPM(nn.Module):
         masked = self.mask_token + gather_tokens(pos, ids_masked)  # (B, M, Dd)
         return torch.cat([x[:, :1] + self.decoder_pos_embed[:, :1], visible, masked], dim=1)
 
+    def pixel_targets(self, imgs):
+        """What the decoder reconstructs at every token, (B, N, P): images MAE's patches (normalised later if
+        norm_pix_loss), clips VideoMAE's tubelets (normalised here)."""
+        if imgs.ndim == 5:
+            return tubelet_targets(imgs, self.encoder.patch_size, self.encoder.tubelet_size, self.norm_pix_loss)
+        return patchify(imgs, self.encoder.patch_size)
+
     def forward(self, imgs, progress):
-        B, N, K = imgs.shape[0], self.encoder.num_patches, self.num_visible
+        B, S, K, T = imgs.shape[0], self.encoder.grid ** 2, self.num_visible, self.encoder.time_grid
         num_hard = self.num_hard(progress)
         scores = self.teacher_scores(imgs) if num_hard > 0 else None  # skipped while n_hard = 0
-        ids = mask_order(B, N, imgs.device, scores, num_hard)  # (B, N)
-        ids_keep, ids_masked = ids[:, :K], ids[:, K:]
+        ids = mask_order(B, S, imgs.device, scores, num_hard)  # (B, S)
+        # Clips: the same spatial mask in every time slice (tubes); n_hard counts tubes (our reading of the paper).
+        ids_keep, ids_masked = tube_ids(ids[:, :K], T, S), tube_ids(ids[:, K:], T, S)  # (B, T'K), (B, T'M)
         latent = self.encoder.forward_tokens(gather_tokens(self.encoder.embed_patches(imgs), ids_keep))
         tokens = self.decoder_tokens(latent, ids_keep, ids_masked)  # (B, 1 + N, Dd), fed to both towers
-        recon = self.decoder.head(self.decoder.features(tokens)[:, 1 + K:])  # (B, M, P)
-        target = gather_tokens(patchify(imgs, self.encoder.patch_size), ids_masked)  # (B, M, P)
-        patch_loss = reconstruction_loss(recon, target, self.norm_pix_loss)  # (B, M)
+        recon = self.decoder.head(self.decoder.features(tokens)[:, 1 + T * K:])  # (B, T'M, P)
+        target = gather_tokens(self.pixel_targets(imgs), ids_masked)  # (B, T'M, P)
+        patch_loss = reconstruction_loss(recon, target, self.norm_pix_loss and imgs.ndim == 4)  # (B, T'M)
         loss_rec = patch_loss.mean()  # = MAE's mask-weighted mean, M is the same for every image
         stats = {"loss_rec": loss_rec.detach()}
         if self.predictor is None:
             return loss_rec, stats
         # The predictor sees the same, non-detached tokens: its loss also trains the encoder (as upstream).
-        pred = predicted_loss(self.predictor, self.predictor.features(tokens))[:, 1 + K:]  # (B, M)
+        pred = predicted_loss(self.predictor, self.predictor.features(tokens))[:, 1 + T * K:]  # (B, T'M)
         target_loss = patch_loss.detach()  # ranking targets carry no gradient (as upstream)
+        # Clips: the pairs are all T'M masked tokens of one clip, across time slices too (the paper does not say).
         loss_pred = ranking_loss(pred, target_loss) if self.relative else absolute_loss(pred, target_loss)
         stats.update(loss_pred=loss_pred.detach(), rank_corr=rank_correlation(pred, target_loss),
                      hard_ratio=torch.full((), num_hard / self.num_masked, device=imgs.device))
@@ -234,10 +302,15 @@ class HPM(nn.Module):
 # --- training -------------------------------------------------------------------------------------
 def build(cfg):
     """The model of a config (used by main, bench.py and the tests)."""
-    encoder = common.vit(cfg.model, cfg.input_size, cfg.patch_size, cfg.drop_path)
-    num_visible = int(encoder.num_patches * (1 - cfg.mask_ratio))
-    if not 1 <= num_visible <= encoder.num_patches - 2:
-        common.fail(f"--mask_ratio {cfg.mask_ratio} leaves {num_visible} of {encoder.num_patches} patches visible; "
+    if cfg.num_frames == 1 and cfg.tubelet_size != 1:
+        common.fail(f"--tubelet_size {cfg.tubelet_size} needs clips; pass --num_frames (a multiple of it), "
+                    "or --tubelet_size 1 for images")
+    encoder = common.vit(cfg.model, cfg.input_size, cfg.patch_size, cfg.drop_path, num_frames=cfg.num_frames,
+                         tubelet_size=cfg.tubelet_size)
+    S = encoder.grid ** 2
+    num_visible = visible_count(S, cfg.mask_ratio, clips=cfg.num_frames > 1)
+    if not 1 <= num_visible <= S - 2:
+        common.fail(f"--mask_ratio {cfg.mask_ratio} leaves {num_visible} of {S} patches visible; "
                     "the encoder needs one and the ranking loss two masked ones: pass a ratio such as 0.75")
     return HPM(encoder, decoder_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth, decoder_heads=cfg.decoder_heads,
                mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss, learning_loss=cfg.learning_loss,
@@ -257,7 +330,7 @@ def train_step(ddp, optimizer, micro_batches, progress, cfg, ctx):
     model = common.unwrap(ddp)
     stats = common.forward_backward(ddp, micro_batches, progress, ctx)  # means over the micro-batches
     ctx.scaler.unscale_(optimizer)
-    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float("inf"))
     ctx.scaler.step(optimizer)
     ctx.scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -268,7 +341,11 @@ def train_step(ddp, optimizer, micro_batches, progress, cfg, ctx):
 def main(cfg):
     ctx = common.setup(cfg)
     model = build(cfg).to(ctx.device)  # method-specific
-    dataset = common.image_dataset(cfg.data_path, common.mae_transform(cfg.input_size), cfg.data_root)
+    if cfg.num_frames > 1:  # method-specific: clips (the TPAMI video setting)
+        dataset = common.clip_dataset(cfg.data_path, common.videomae_transform(cfg.input_size), cfg.num_frames,
+                                      cfg.sampling_rate)
+    else:
+        dataset = common.image_dataset(cfg.data_path, common.mae_transform(cfg.input_size), cfg.data_root)
     batches = common.Batches(dataset, cfg, ctx)
     steps_per_epoch, total_steps = batches.steps_per_epoch, cfg.epochs * batches.steps_per_epoch
     optimizer, schedule = make_optimizer(model, cfg, steps_per_epoch)

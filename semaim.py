@@ -40,7 +40,7 @@ class Config(common.TrainConfig):
     blr: float = 2e-4  # base lr; lr = blr * batch_size / 256 = 1.6e-3 (README)
     min_lr: float = 0.0  # end of the cosine decay (upstream main_pretrain.py)
     weight_decay: float = 0.05  # AdamW, betas (0.9, 0.95); no decay on biases and norms (upstream main_pretrain.py)
-    clip_grad: float = 3.0  # global grad-norm clip (README command: 3.0)
+    clip_grad: float = 3.0  # global grad-norm clip (README command: 3.0); 0: none
 
     limits: ClassVar[dict] = {
         "input_size": "[1, inf)", "patch_size": "[1, inf)", "drop_path": "[0, 1)", "query_depth": "[1, inf)",
@@ -262,7 +262,7 @@ def train_step(ddp, optimizer, micro_batches, progress, cfg, ctx):
     model = common.unwrap(ddp)
     stats = common.forward_backward(ddp, micro_batches, progress, ctx)  # means over the micro-batches
     ctx.scaler.unscale_(optimizer)
-    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float("inf"))  # 0: off
     ctx.scaler.step(optimizer)
     ctx.scaler.update()
     optimizer.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny image folders made on the fly (the tests never need a real dataset)."""
+"""Shared fixtures: tiny image and clip folders made on the fly (the tests never need a real dataset)."""
 import os
 import sys
 
@@ -33,6 +33,35 @@ def make_image_folder(root, classes=2, per_class=12, size=32, seed=0):
             base = rng.integers(0, 255, (size // 4, size // 4, 3)).astype(np.float32) * 0.5 + 60 * c
             img = np.kron(base, np.ones((4, 4, 1))).clip(0, 255).astype(np.uint8)
             Image.fromarray(img).save(os.path.join(root, f"c{c}", f"{i:03d}.jpg"))
+    return root
+
+
+DIRECTIONS = {"down": (0, 1), "left": (-1, 0), "right": (1, 0), "up": (0, -1)}  # (dx, dy) per class
+
+
+def make_clip_folder(root, per_class=6, frames=16, size=32, seed=0, square=8):
+    """root/<direction>/<video>/<frame>.jpg: a bright square moving across a static textured background, the
+    class is its direction of motion (down, left, right, up), so telling classes apart needs the frames' order.
+    The square travels 60 % of the free width at a constant speed from a random start."""
+    rng = np.random.default_rng(seed)
+    free = size - square
+    travel = 0.6 * free
+    for name, (dx, dy) in DIRECTIONS.items():
+        for v in range(per_class):
+            folder = os.path.join(root, name, f"video{v:03d}")
+            os.makedirs(folder, exist_ok=True)
+            base = rng.integers(0, 120, (size // 4, size // 4, 3)).astype(np.float32)
+            background = np.kron(base, np.ones((4, 4, 1)))
+            colour = rng.integers(160, 256, 3)
+            along = rng.uniform(0, free - travel) + (travel if dx + dy < 0 else 0)  # start, moving back if negative
+            across = rng.uniform(0, free)
+            for f in range(frames):
+                pos = along + (dx + dy) * travel * f / max(frames - 1, 1)
+                x, y = (pos, across) if dx else (across, pos)
+                img = background.copy()
+                img[int(round(y)):int(round(y)) + square, int(round(x)):int(round(x)) + square] = colour
+                frame = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+                frame.save(os.path.join(folder, f"{f:05d}.jpg"), quality=95)
     return root
 
 
