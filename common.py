@@ -513,7 +513,7 @@ class Batches:
         for images, _, skipped in self.loader:  # images: a tensor, or a list of crops (multi-crop)
             if int(skipped.min()) < 0:  # a CPU tensor from the loader: no device sync
                 index = -int(skipped.min()) - 1
-                fail(f"{ImageFolder.max_skips} images in a row could not be read (from {self.files[index][0]}); "
+                fail(f"{ImageFolder.max_skips} files in a row could not be read (from {self.files[index][0]}); "
                      "check the dataset's files")
             self.read += len(skipped)
             self.skipped += int(skipped.sum())
@@ -670,6 +670,13 @@ def forward_backward(ddp, micro_batches, progress, ctx):
     return sums
 
 
+def optimizer_step(optimizer, ctx):
+    """Step (through the fp16 scaler, a no-op otherwise) and clear the gradients (set to None: no memset)."""
+    ctx.scaler.step(optimizer)
+    ctx.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def epoch_at(progress, epochs):
     """The epoch in progress at a point of training (progress = step / total steps in [0, 1)), for the schedules
     that papers set once per epoch; the 1e-6 absorbs float rounding of step / total_steps * epochs."""
@@ -703,6 +710,16 @@ def param_groups(model, weight_decay):
 def adamw(model, lr, weight_decay, betas=(0.9, 0.95)):
     """Fused AdamW (a single kernel per step on CUDA, also available on CPU)."""
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=True)
+
+
+def mae_optimizer(model, cfg, steps_per_epoch):
+    """MAE's optimizer and lr (main_pretrain.py, util/lr_sched.py) for a config with blr, min_lr, weight_decay and
+    warmup_epochs: fused AdamW (0.9, 0.95), lr = blr * batch_size / 256, warm-up then cosine, per step.
+    -> (optimizer, schedule); schedule(step) sets that step's lr and returns it."""
+    lr = cfg.blr * cfg.batch_size / 256
+    lrs = cosine_schedule(lr, cfg.min_lr, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch)
+    optimizer = adamw(model, lr, cfg.weight_decay)
+    return optimizer, lambda step: set_lr(optimizer, lrs[step])
 
 
 def set_lr(optimizer, lr):

@@ -213,22 +213,18 @@ def build(cfg):
 
 
 def make_optimizer(model, cfg, steps_per_epoch):
-    """AdamW and its per-step lr (MAE's: warm-up, then cosine); schedule(step) sets the lr and returns it."""
-    lr = cfg.blr * cfg.batch_size / 256
-    lrs = common.cosine_schedule(lr, cfg.min_lr, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch)
-    optimizer = common.adamw(model, lr, cfg.weight_decay)
-    return optimizer, lambda step: common.set_lr(optimizer, lrs[step])
+    """MAE's AdamW and per-step lr (common.mae_optimizer); used by main and bench.py."""
+    return common.mae_optimizer(model, cfg, steps_per_epoch)
 
 
 def train_step(ddp, optimizer, micro_batches, progress, cfg, ctx):
-    """One optimizer step over a Step of micro-batches (also timed by bench.py). -> the step's stats."""
+    """One optimizer step (also timed by bench.py): the mean loss over the micro-batches, DINO-style clipping of
+    each parameter's gradient on its own, AdamW. -> the step's stats."""
     model = common.unwrap(ddp)
     stats = common.forward_backward(ddp, micro_batches, progress, ctx)  # means over the micro-batches
     ctx.scaler.unscale_(optimizer)
     stats["grad_norm"] = common.clip_per_tensor(model.parameters(), cfg.clip_grad)  # method-specific
-    ctx.scaler.step(optimizer)
-    ctx.scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    common.optimizer_step(optimizer, ctx)
     return stats
 
 

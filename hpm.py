@@ -318,22 +318,18 @@ def build(cfg):
 
 
 def make_optimizer(model, cfg, steps_per_epoch):
-    """AdamW and its per-step lr (MAE's: warm-up, then cosine); schedule(step) sets the lr and returns it."""
-    lr = cfg.blr * cfg.batch_size / 256
-    lrs = common.cosine_schedule(lr, cfg.min_lr, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch)
-    optimizer = common.adamw(model, lr, cfg.weight_decay)
-    return optimizer, lambda step: common.set_lr(optimizer, lrs[step])
+    """MAE's AdamW and per-step lr (common.mae_optimizer); used by main and bench.py."""
+    return common.mae_optimizer(model, cfg, steps_per_epoch)
 
 
 def train_step(ddp, optimizer, micro_batches, progress, cfg, ctx):
-    """One optimizer step over a Step of micro-batches (also timed by bench.py). -> the step's stats."""
+    """One optimizer step (also timed by bench.py): the mean loss over the micro-batches, the global grad-norm
+    clip (5, as upstream's loss scaler), AdamW, then the EMA teacher. -> the step's stats."""
     model = common.unwrap(ddp)
     stats = common.forward_backward(ddp, micro_batches, progress, ctx)  # means over the micro-batches
     ctx.scaler.unscale_(optimizer)
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float("inf"))
-    ctx.scaler.step(optimizer)
-    ctx.scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    common.optimizer_step(optimizer, ctx)
     model.update_teacher(ema_momentum(common.epoch_at(progress, cfg.epochs)))  # method-specific
     return stats
 

@@ -254,9 +254,7 @@ def train_step(ddp, optimizer, micro_batches, progress, cfg, ctx):
     ctx.scaler.unscale_(optimizer)
     stats["grad_norm"] = common.clip_per_tensor(model.parameters(), cfg.clip_grad)  # method-specific
     common.cancel_last_layer(model, common.epoch_at(progress, cfg.epochs), cfg.freeze_last_layer)  # method-specific
-    ctx.scaler.step(optimizer)
-    ctx.scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    common.optimizer_step(optimizer, ctx)
     model.update_teacher(common.teacher_momentum(progress, cfg.momentum_teacher))  # method-specific
     return stats
 
