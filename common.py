@@ -226,9 +226,9 @@ def mae_transform(size, scale=(0.2, 1.0)):
 
 
 def eval_transform(size):
-    """Evaluation: resize + centre crop (ImageNet's 256/224 ratio, MAE util/datasets.py; none below 112 px, where
-    images such as CIFAR's are already the input size), normalise."""
-    resize = int(size * 256 / 224) if size >= 112 else size
+    """Evaluation: resize + centre crop, normalise. The crop is 224/256 of the resized image up to 224 px and the
+    whole image above (MAE util/datasets.py); none below 112 px, where images such as CIFAR's have the input size."""
+    resize = int(size * 256 / 224) if 112 <= size <= 224 else size
     return transforms.Compose([
         transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(size),
         transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])

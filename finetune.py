@@ -293,7 +293,8 @@ def train_step(ddp, optimizer, micro_batches, progress, cfg, ctx):
 @torch.no_grad()
 def evaluate(model, dataset, cfg, ctx, desc="evaluation"):
     """{top1, top5 (percent), images} over the whole dataset. Each process classifies every world-th image from its
-    rank on (disjoint shards, no padding) and the counts are summed over processes: the figures are exact."""
+    rank on (disjoint shards, no padding) and the counts are summed over processes: the figures are exact.
+    NOTE(official): MAE's --dist_eval uses a DistributedSampler, which pads the last shard with repeated images."""
     shard = torch.utils.data.Subset(dataset, range(ctx.rank, len(dataset), ctx.world))
     loader = torch.utils.data.DataLoader(shard, cfg.micro_batch, num_workers=cfg.num_workers,
                                          pin_memory=ctx.device.type == "cuda",
