@@ -134,7 +134,7 @@ def bench_all(args, rest):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("method", help="hpm, droppos, semaim, mokd, scfs, or all")
+    parser.add_argument("method", help="hpm, droppos, semaim, mokd, scfs, finetune, or all")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, caches)")
     parser.add_argument("--progress", type=float, default=0.5, help="position in the schedule, in [0, 1)")
@@ -148,10 +148,10 @@ def main():
         if args.preset not in (None, "cifar10"):
             common.fail(f"all --preset {args.preset}: only cifar10 is a preset of every method; time one method instead")
         bench_all(args, rest)
-    elif args.method in ("hpm", "droppos", "semaim", "mokd", "scfs"):
+    elif args.method in ("hpm", "droppos", "semaim", "mokd", "scfs", "finetune"):
         bench_one(args, (["--preset", args.preset] if args.preset else []) + rest)
     else:
-        common.fail(f"unknown method {args.method}; choose hpm, droppos, semaim, mokd, scfs or all")
+        common.fail(f"unknown method {args.method}; choose hpm, droppos, semaim, mokd, scfs, finetune or all")
 
 
 if __name__ == "__main__":

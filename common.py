@@ -267,6 +267,15 @@ def mae_transform(size, scale=(0.2, 1.0)):
         transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def eval_transform(size):
+    """Evaluation: resize + centre crop, normalise. The crop is 224/256 of the resized image up to 224 px and the
+    whole image above (MAE util/datasets.py); none below 112 px, where images such as CIFAR's have the input size."""
+    resize = int(size * 256 / 224) if 112 <= size <= 224 else size
+    return transforms.Compose([
+        transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(size),
+        transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
 class ImageFolder(torchvision.datasets.ImageFolder):
     """torchvision's ImageFolder that skips unreadable images. An unreadable file is reported once by name and
     replaced by the next readable one; each sample also returns how many files it skipped, so the training
@@ -477,9 +486,10 @@ class Batches:
     batch_size / world images, in micro-batches of cfg.micro_batch (gradient accumulation makes up the rest);
     a fresh seeded shuffle and augmentation stream each epoch (so a resumed run sees the same images as an
     uninterrupted one); images moved to the device; a count of unreadable files that stops the run once most
-    files fail. Images past the last full step of an epoch are left out (drop_last, as MAE and DINO)."""
+    files fail. Images past the last full step of an epoch are left out (drop_last, as MAE and DINO).
+    labels=True yields (images, labels) pairs instead of images (supervised training: finetune.py)."""
 
-    def __init__(self, dataset, cfg, ctx):
+    def __init__(self, dataset, cfg, ctx, labels=False):
         self.files = getattr(dataset, "samples", None)  # (path, label) per index, to name an unreadable file
         dataset = subset(dataset, cfg.limit)
         per_process = cfg.batch_size // ctx.world
@@ -499,6 +509,7 @@ class Batches:
                  f"{f' ({ctx.world} processes x {per_process})' if ctx.world > 1 else ''}; "
                  f"pass --batch_size {len(dataset) // ctx.world * ctx.world} or less")
         self.seed, self.device, self.read, self.skipped = cfg.seed, ctx.device, 0, 0
+        self.labels = labels
 
     def epoch(self, epoch):
         """The epoch's optimizer steps, each a Step of `accum` micro-batches on the device."""
@@ -510,7 +521,7 @@ class Batches:
         stream.close()  # shuts the loader's workers down now, not when garbage-collected
 
     def _micro_batches(self):
-        for images, _, skipped in self.loader:  # images: a tensor, or a list of crops (multi-crop)
+        for images, labels, skipped in self.loader:  # images: a tensor, or a list of crops (multi-crop)
             if int(skipped.min()) < 0:  # a CPU tensor from the loader: no device sync
                 index = -int(skipped.min()) - 1
                 fail(f"{ImageFolder.max_skips} files in a row could not be read (from {self.files[index][0]}); "
@@ -521,6 +532,8 @@ class Batches:
                 fail(f"most images could not be read ({self.skipped} unreadable, {self.read} read); check the dataset")
             if isinstance(images, (list, tuple)):  # crop-major: V tensors of (B, 3, h, w)
                 yield [x.to(self.device, non_blocking=True) for x in images]
+            elif self.labels:
+                yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             else:
                 yield images.to(self.device, non_blocking=True)
 
@@ -950,17 +963,19 @@ def import_state(model, state, encoder="encoder"):
     model.load_state_dict(state)
 
 
-def save_checkpoint(cfg, method, model, optimizer, epoch, ctx, encoders=None):
+def save_checkpoint(cfg, method, model, optimizer, epoch, ctx, encoders=None, extra=None):
     """Rank 0 writes output_dir/checkpoint.pth: {method, model, optimizer, epoch (the next one), config, rng (one
     per rank), scaler}; encoders {name: (module, arch)} adds encoders[name] = {arch, state} (torchvision / timm
-    names) for eval_linear. Written to a temporary file, flushed to disk, then renamed: a crash or a power loss
-    leaves the previous checkpoint or this one, never a torn or empty file."""
+    names) for eval_linear; extra {key: value} adds more top-level entries (finetune.py: best_top1). Written to a
+    temporary file, flushed to disk, then renamed: a crash or a power loss leaves the previous checkpoint or this
+    one, never a torn or empty file."""
     rngs = all_gather(rng_state())
     if ctx.main:
         state = {"method": method, "model": export_state(model), "optimizer": optimizer.state_dict(),
                  "epoch": epoch, "config": dataclasses.asdict(cfg), "rng": rngs, "scaler": ctx.scaler.state_dict()}
         if encoders:
             state["encoders"] = {k: {"arch": arch, "state": m.state_dict()} for k, (m, arch) in encoders.items()}
+        state.update(extra or {})
         path = os.path.join(cfg.output_dir, "checkpoint.pth")
         with open(path + ".tmp", "wb") as f:
             torch.save(state, f)
@@ -1132,6 +1147,7 @@ class Logger:
         self.images_per_step, self.first = cfg.batch_size, start_epoch * steps_per_epoch
         self.path = os.path.join(cfg.output_dir, "log.jsonl")
         self.sums, self.count, self.t0 = {}, 0, time.perf_counter()
+        self.last_step = self.t0  # when the last step() returned (record() leaves the time after it out)
         self.bar = progress_bar(total=cfg.epochs * steps_per_epoch, initial=self.first, disable=not ctx.main,
                                 desc=f"epoch {start_epoch + 1}/{cfg.epochs}")
         if ctx.main:
@@ -1164,6 +1180,7 @@ class Logger:
         if step % self.steps_per_epoch == 0:
             self.bar.set_description(f"epoch {epoch + 1}/{self.epochs}", refresh=False)
         self.bar.update(1)
+        self.last_step = time.perf_counter()
         for k, v in stats.items():
             v = v.detach().float().to(self.ctx.device)
             self.sums[k] = self.sums[k] + v if k in self.sums else v
@@ -1186,6 +1203,16 @@ class Logger:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         self.sums, self.count, self.t0 = {}, 0, time.perf_counter()
+
+    def record(self, **values):
+        """Rank 0 writes one more line and JSON record (finetune.py: an evaluation); give it a "step" (the last
+        step it follows), so a resumed run drops it with the steps it trains again. The time since the last step
+        (the evaluation) is left out of the next img_per_s."""
+        self.t0 += time.perf_counter() - max(self.last_step, self.t0)  # t0 is later if the last step logged
+        if self.ctx.main:
+            self.bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()))
+            with open(self.path, "a") as f:
+                f.write(json.dumps(values) + "\n")
 
     def close(self):
         self.bar.close()

@@ -14,7 +14,6 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision import transforms
 
 import common
 
@@ -37,14 +36,6 @@ class Config:
     limits: ClassVar[dict] = {"batch_size": "[1, inf)", "num_workers": "[0, inf)", "limit": "[0, inf)",
                               "knn_k": "[1, inf)", "knn_temperature": "(0, inf)", "probe_epochs": "[1, inf)",
                               "probe_lr": "(0, inf)", "seed": "[0, 2147483647]"}
-
-
-def eval_transform(size):
-    """Resize + centre crop (ImageNet's 256/224 ratio; none for small images), normalise."""
-    resize = int(size * 256 / 224) if size >= 112 else size
-    return transforms.Compose([
-        transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(size),
-        transforms.ToTensor(), transforms.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])
 
 
 @torch.no_grad()
@@ -119,11 +110,11 @@ def main(cfg):
     splits = {}
     for name, path in (("train", os.path.join(cfg.data_path, "train")), ("val", val_dir)):
         if arch.get("num_frames", 1) > 1:  # the centre clip of each video, each frame as an image
-            dataset = common.clip_dataset(path, common.ClipTransform(eval_transform(arch["input_size"])),
+            dataset = common.clip_dataset(path, common.ClipTransform(common.eval_transform(arch["input_size"])),
                                           arch["num_frames"], ckpt["config"].get("sampling_rate", 1), train=False)
             splits[name] = extract(encoder, common.subset(dataset, cfg.limit), cfg, device, name, pool="mean")
         else:
-            dataset = common.image_dataset(path, eval_transform(arch["input_size"]))
+            dataset = common.image_dataset(path, common.eval_transform(arch["input_size"]))
             splits[name] = extract(encoder, common.subset(dataset, cfg.limit), cfg, device, name)
         num_classes = len(dataset.classes)
     (train_x, train_y), (val_x, val_y) = splits["train"], splits["val"]

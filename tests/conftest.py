@@ -94,6 +94,7 @@ TINY = {
              "--local_crops", "2", "--no-cifar_stem", "--patch_size", "8"],
     "scfs": ["--out_dim", "256", "--hidden_dim", "64", "--stage_hidden", "32", "--stage_bottleneck", "16",
              "--local_crops", "2", "--no-cifar_stem"],
+    "finetune": [],  # its data_path is the root holding train/ and val/
 }
 
 

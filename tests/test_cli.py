@@ -11,13 +11,14 @@ import torch
 import bench
 import common
 import droppos
+import finetune
 import hpm
 import mokd
 import scfs
 import semaim
 from conftest import TINY, cpu_context, tiny_args
 
-SCRIPTS = {"hpm": hpm, "droppos": droppos, "semaim": semaim, "mokd": mokd, "scfs": scfs}
+SCRIPTS = {"hpm": hpm, "droppos": droppos, "semaim": semaim, "mokd": mokd, "scfs": scfs, "finetune": finetune}
 
 
 def error_of(call):
@@ -37,18 +38,19 @@ def test_one_epoch_with_the_presets_own_warmup(name, image_root, tmp_path, capsy
     """--preset cifar10 --epochs 1 with the preset's 10 warm-up epochs (issue 15's crash): 3 steps, the lr rising at
     every step and never reaching its peak, DINO-style schedules still in their warm-up, one line saying so."""
     module = SCRIPTS[name]
-    args = ["--preset", "cifar10", "--data_path", str(image_root / "train"), "--output_dir", str(tmp_path),
+    data = image_root if name == "finetune" else image_root / "train"  # fine-tuning reads train/ and val/
+    args = ["--preset", "cifar10", "--data_path", str(data), "--output_dir", str(tmp_path),
             *TINY[name], "--epochs", "1", "--batch_size", "8", "--num_workers", "0", "--log_every", "1"]
     cfg = common.parse_config(module.Config, args)
-    assert cfg.warmup_epochs == 10 and cfg.micro_batch == 8  # the preset's warm-up; the micro-batch follows the batch
+    assert cfg.warmup_epochs > 1 and cfg.micro_batch == 8  # the preset's warm-up; the micro-batch follows the batch
     module.main(cfg)
-    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    log = [r for r in map(json.loads, open(tmp_path / "log.jsonl")) if "lr" in r]  # steps (finetune: evaluations too)
     lrs = [r["lr"] for r in log]
     assert [r["step"] for r in log] == [0, 1, 2] and lrs[0] == 0 and lrs[0] < lrs[1] < lrs[2]
     peak = (cfg.blr_cnn if name == "mokd" else cfg.blr) * cfg.batch_size / 256
-    assert lrs[2] < peak / 5  # 3 of the 30 warm-up steps
+    assert lrs[2] < peak * 3 / (3 * cfg.warmup_epochs) + 1e-12  # 3 of the 3 x warmup_epochs warm-up steps
     out = capsys.readouterr().out
-    assert out.count("warm-up longer than the 1-epoch run, cut off at its end: lr (10 epochs)") == 1
+    assert out.count(f"warm-up longer than the 1-epoch run, cut off at its end: lr ({cfg.warmup_epochs} epochs)") == 1
     if name in ("mokd", "scfs"):  # teacher temperature at its epoch-0 value
         assert all(r.get("teacher_temp", r.get("teacher_temp_cnn")) == pytest.approx(0.04) for r in log)
 

@@ -257,7 +257,7 @@ def test_eval_linear_on_a_tiny_checkpoint(image_root, tmp_path):
     result = eval_linear.main(cfg)
     assert result["train_images"] == result["val_images"] == 24 and result["method"] == "hpm"
     assert 0 <= result["linear_top1"] <= 100
-    x, y = eval_linear.extract(encoder, common.image_dataset(str(image_root / "train"), eval_linear.eval_transform(size)),
+    x, y = eval_linear.extract(encoder, common.image_dataset(str(image_root / "train"), common.eval_transform(size)),
                                cfg, torch.device("cpu"))
     assert x.shape == (24, 192)
     assert eval_linear.knn_top1(x, y, x, y, 1, 0.07, 2) == 100.0
