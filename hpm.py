@@ -3,7 +3,8 @@ second decoder tower that learns which patches are hard to reconstruct (a pairwi
 per-patch reconstruction losses). An EMA copy of the model scores the full image and the predicted-
 hardest patches are masked, a share that grows over training from 0 to half of the masked patches.
 Paper: arXiv 2304.05919 (TPAMI: 2312.13714).  Run: torchrun --nproc_per_node=8 hpm.py --data_path /imagenet/train
-Shapes: B batch, N patches, K kept (visible), M masked, D encoder width, Dd decoder width, P = patch*patch*3.
+Shapes: B batch, N patches, K kept (visible), M masked, D encoder width, Dd decoder width, P = patch*patch*3,
+C teacher width (--target features).
 To reuse: copy this file and common.py."""
 import copy
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ class Config(common.TrainConfig):
     learning_loss: bool = True  # loss predictor + hard patches mining; --no-learning_loss is plain MAE
     relative: bool = True  # pairwise ranking loss (PRETRAIN.md: --relative); --no-relative: z-scored MSE ablation
     hard_ratio_max: float = 0.5  # alpha_T, the final share of hard patches among masked ones (official generate_mask)
+    target: str = "pixels"  # pixels (the paper) or features: a --teacher's tokens (upstream --learn_feature_loss)
+    teacher: str = ""  # for features: OpenAI's CLIP .pt, an open_clip or DINO/timm ViT state dict, our checkpoint.pth
+    clip_act: str = "quickgelu"  # a CLIP teacher's activation: quickgelu (OpenAI's) or gelu (open_clip GELU models)
     epochs: int = 200  # pretraining epochs (PRETRAIN.md: 200; scripts: 800)
     warmup_epochs: int = 40  # linear lr warmup (PRETRAIN.md)
     batch_size: int = 2048  # global batch, the paper's number (PRETRAIN.md: 32 x 8 GPUs x 8 accumulation)
@@ -143,23 +147,31 @@ def predicted_loss(tower, features):
 
 class HPM(nn.Module):
     """MAE with a loss predictor and hard-patch masking. `loss, stats = model(images, progress)`.
-    learning_loss=False is plain MAE (random masks, no predictor, no teacher)."""
+    learning_loss=False is plain MAE (random masks, no predictor, no teacher). feature_teacher (a
+    common.FrozenTeacher): targets are its tokens of the full image instead of pixels (official
+    models_mae_learn_feature_loss.py); with learning_loss=False that is plain feature distillation."""
 
     def __init__(self, encoder, decoder_dim=512, decoder_depth=8, decoder_heads=16, mask_ratio=0.75,
-                 norm_pix_loss=False, learning_loss=True, relative=True, hard_ratio_max=0.5, epochs=200):
+                 norm_pix_loss=False, learning_loss=True, relative=True, hard_ratio_max=0.5, epochs=200,
+                 feature_teacher=None):
         super().__init__()
         self.encoder, N = encoder, encoder.num_patches
         self.num_visible = int(N * (1 - mask_ratio))  # K, as the official int(L * (1 - r))
         self.num_masked = N - self.num_visible  # M
         self.norm_pix_loss, self.relative, self.hard_ratio_max, self.epochs = (
             norm_pix_loss, relative, hard_ratio_max, epochs)
-        out_dim = encoder.patch_size ** 2 * 3
+        self.feature_teacher = feature_teacher  # holds no parameters: never trained, saved or re-initialised
+        P = encoder.patch_size ** 2 * 3
+        # NOTE(official): upstream's feature head is Linear(512, 512), CLIP's width hard-coded (DINO's 768 fails);
+        # here the teacher's width C.
+        out_dim = feature_teacher.embed_dim if feature_teacher is not None else P
         # Decoder stem shared by both towers: embedding, mask token, fixed sin-cos positions (as upstream).
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.register_buffer("decoder_pos_embed", common.sincos_pos_embed(decoder_dim, encoder.grid)[None])
-        self.decoder = Tower(decoder_dim, decoder_depth, decoder_heads, out_dim)  # reconstructs pixels
-        self.predictor = Tower(decoder_dim, decoder_depth, decoder_heads, out_dim) if learning_loss else None
+        self.decoder = Tower(decoder_dim, decoder_depth, decoder_heads, out_dim)  # reconstructs pixels or features
+        # The predictor keeps its P-wide head, averaged, also for feature targets (as upstream).
+        self.predictor = Tower(decoder_dim, decoder_depth, decoder_heads, P) if learning_loss else None
         common.init_mae_weights(self)
         nn.init.normal_(self.mask_token, std=0.02)
         self.teacher = None
@@ -206,9 +218,8 @@ class HPM(nn.Module):
         ids_keep, ids_masked = ids[:, :K], ids[:, K:]
         latent = self.encoder.forward_tokens(gather_tokens(self.encoder.embed_patches(imgs), ids_keep))
         tokens = self.decoder_tokens(latent, ids_keep, ids_masked)  # (B, 1 + N, Dd), fed to both towers
-        recon = self.decoder.head(self.decoder.features(tokens)[:, 1 + K:])  # (B, M, P)
-        target = gather_tokens(patchify(imgs, self.encoder.patch_size), ids_masked)  # (B, M, P)
-        patch_loss = reconstruction_loss(recon, target, self.norm_pix_loss)  # (B, M)
+        recon = self.decoder.head(self.decoder.features(tokens)[:, 1 + K:])  # (B, M, P or C)
+        patch_loss = self.patch_losses(imgs, recon, ids_masked)  # (B, M)
         loss_rec = patch_loss.mean()  # = MAE's mask-weighted mean, M is the same for every image
         stats = {"loss_rec": loss_rec.detach()}
         if self.predictor is None:
@@ -220,6 +231,15 @@ class HPM(nn.Module):
         stats.update(loss_pred=loss_pred.detach(), rank_corr=rank_correlation(pred, target_loss),
                      hard_ratio=torch.full((), num_hard / self.num_masked, device=imgs.device))
         return loss_rec + loss_pred, stats  # weight 1, as upstream
+
+    def patch_losses(self, imgs, recon, ids_masked):
+        """Per-patch loss of the masked patches, (B, M): MSE against their pixels, or 2 - 2 cos against the frozen
+        teacher's tokens of the full image at their positions (official models_mae_learn_feature_loss.py)."""
+        if self.feature_teacher is None:
+            target = gather_tokens(patchify(imgs, self.encoder.patch_size), ids_masked)  # (B, M, P)
+            return reconstruction_loss(recon, target, self.norm_pix_loss)
+        target = gather_tokens(self.feature_teacher(imgs)[:, 1:], ids_masked)  # (B, M, C), no gradient
+        return common.feature_distance(recon, target)
 
     @torch.no_grad()
     def update_teacher(self, momentum):
@@ -239,7 +259,24 @@ def build(cfg):
                     "the encoder needs one and the ranking loss two masked ones: pass a ratio such as 0.75")
     return HPM(encoder, decoder_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth, decoder_heads=cfg.decoder_heads,
                mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss, learning_loss=cfg.learning_loss,
-               relative=cfg.relative, hard_ratio_max=cfg.hard_ratio_max, epochs=cfg.epochs)
+               relative=cfg.relative, hard_ratio_max=cfg.hard_ratio_max, epochs=cfg.epochs,
+               feature_teacher=feature_teacher(cfg))
+
+
+def feature_teacher(cfg):
+    """The frozen teacher of --target features, or None for pixel targets; the flags checked together."""
+    if cfg.target not in ("pixels", "features") or cfg.clip_act not in ("quickgelu", "gelu"):
+        common.fail(f"unknown --target {cfg.target} or --clip_act {cfg.clip_act}; choose pixels or features, "
+                    "and quickgelu or gelu")
+    if cfg.target == "pixels":
+        if cfg.teacher:
+            common.fail(f"--teacher {cfg.teacher} is read only with --target features; add it or drop --teacher")
+        return None
+    if not cfg.teacher:
+        common.fail("--target features needs --teacher PATH: a CLIP, DINO/timm ViT or our checkpoint.pth (README)")
+    if cfg.norm_pix_loss:
+        common.fail("--norm_pix_loss normalises pixel targets; drop it with --target features")
+    return common.frozen_teacher(cfg.teacher, cfg.input_size, cfg.patch_size, cfg.clip_act)
 
 
 def make_optimizer(model, cfg, steps_per_epoch):
@@ -279,6 +316,8 @@ def main(cfg):
              f"params; lr {cfg.blr * cfg.batch_size / 256:.3g} = blr {cfg.blr:g} x {cfg.batch_size} / 256; "
              f"{ctx.world} process(es) x {batches.accum} micro-batch(es) of {cfg.micro_batch}; "
              f"{steps_per_epoch} steps/epoch; {ctx.device}, {ctx.dtype}")
+    if model.feature_teacher is not None:  # method-specific
+        log.info(f"hpm: targets are the tokens of {cfg.teacher}: {model.feature_teacher.name}")
     log.warmups(lr=cfg.warmup_epochs)
 
     for epoch in range(start_epoch, cfg.epochs):
