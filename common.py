@@ -788,8 +788,8 @@ def feature_distance(pred, target):
 
 
 def read_weights(path):
-    """A weight file as a flat {name: tensor}, and whether it was a TorchScript archive (OpenAI's CLIP .pt, read
-    with torch.jit.load, which builds TorchScript values only); everything else goes through
+    """What a weight file holds, and whether it was a TorchScript archive (OpenAI's CLIP .pt: its state dict, read
+    with torch.jit.load, which builds TorchScript values only); anything else goes through
     torch.load(weights_only=True), which unpickles no Python objects."""
     if not os.path.isfile(path):
         fail(f"--teacher {path} is not a file; pass a CLIP, DINO/timm ViT or our checkpoint.pth (README: teachers)")
@@ -808,12 +808,12 @@ def read_weights(path):
 def teacher_tower(path, state, archive, clip_act):
     """frozen_teacher's CLIP and DINO/timm branches: the tower the keys name, with the file's weights loaded.
     -> (net, mean, std, description)"""
-    for key in ("state_dict", "model", "teacher"):  # training-checkpoint wrappers (timm/DeiT, DINO)
+    for key in ("state_dict", "model"):  # training-checkpoint wrappers (timm, DeiT)
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
         fail(f"--teacher {path} holds no state dict; pass a CLIP, DINO/timm ViT or our checkpoint.pth")
-    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items() if torch.is_tensor(v)}
+    state = {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}  # saved from DDP
     try:
         if "visual.conv1.weight" in state or "conv1.weight" in state and "class_embedding" in state:
             kind = "CLIP"
