@@ -6,7 +6,7 @@ On clips (the TPAMI extension, --preset ssv2): VideoMAE's tube masking, the hard
 Paper: arXiv 2304.05919 (TPAMI: 2312.13714).  Run: torchrun --nproc_per_node=8 hpm.py --data_path /imagenet/train
 Shapes: B batch, N patches, K kept (visible), M masked, D encoder width, Dd decoder width, P = patch*patch*3.
 Clips: N = T' x S tubelets (T' time slices of S spatial locations); K and M count spatial locations (tubes),
-so T'K tokens are visible; P = t*patch*patch*3.
+so T'K tokens are visible; P = t*patch*patch*3; C teacher width (--target features).
 To reuse: copy this file and common.py."""
 import copy
 from dataclasses import dataclass
@@ -39,6 +39,9 @@ class Config(common.TrainConfig):
     learning_loss: bool = True  # loss predictor + hard patches mining; --no-learning_loss is plain MAE
     relative: bool = True  # pairwise ranking loss (PRETRAIN.md: --relative); --no-relative: z-scored MSE ablation
     hard_ratio_max: float = 0.5  # alpha_T, the final share of hard patches among masked ones (official generate_mask)
+    target: str = "pixels"  # pixels (the paper) or features: a --teacher's tokens (upstream --learn_feature_loss)
+    teacher: str = ""  # for features: OpenAI's CLIP .pt, an open_clip or DINO/timm ViT state dict, our checkpoint.pth
+    clip_act: str = "quickgelu"  # a CLIP teacher's activation: quickgelu (OpenAI's) or gelu (open_clip GELU models)
     epochs: int = 200  # pretraining epochs (PRETRAIN.md: 200; scripts: 800)
     warmup_epochs: int = 40  # linear lr warmup (PRETRAIN.md)
     batch_size: int = 2048  # global batch, the paper's number (PRETRAIN.md: 32 x 8 GPUs x 8 accumulation)
@@ -196,17 +199,24 @@ def predicted_loss(tower, features):
 
 class HPM(nn.Module):
     """MAE with a loss predictor and hard-patch masking. `loss, stats = model(images, progress)`.
-    learning_loss=False is plain MAE (random masks, no predictor, no teacher)."""
+    learning_loss=False is plain MAE (random masks, no predictor, no teacher). feature_teacher (a
+    common.FrozenTeacher): targets are its tokens of the full image instead of pixels (official
+    models_mae_learn_feature_loss.py); with learning_loss=False that is plain feature distillation."""
 
     def __init__(self, encoder, decoder_dim=512, decoder_depth=8, decoder_heads=16, mask_ratio=0.75,
-                 norm_pix_loss=False, learning_loss=True, relative=True, hard_ratio_max=0.5, epochs=200):
+                 norm_pix_loss=False, learning_loss=True, relative=True, hard_ratio_max=0.5, epochs=200,
+                 feature_teacher=None):
         super().__init__()
         self.encoder, S = encoder, encoder.grid ** 2  # S spatial locations (= N for images)
         self.num_visible = visible_count(S, mask_ratio, clips=encoder.num_frames > 1)  # K
         self.num_masked = S - self.num_visible  # M
         self.norm_pix_loss, self.relative, self.hard_ratio_max, self.epochs = (
             norm_pix_loss, relative, hard_ratio_max, epochs)
-        out_dim = encoder.tubelet_size * encoder.patch_size ** 2 * 3
+        self.feature_teacher = feature_teacher  # holds no parameters: never trained, saved or re-initialised
+        P = encoder.tubelet_size * encoder.patch_size ** 2 * 3
+        # NOTE(official): upstream's feature head is Linear(512, 512), CLIP's width hard-coded (DINO's 768 fails);
+        # here the teacher's width C.
+        out_dim = feature_teacher.embed_dim if feature_teacher is not None else P
         # Decoder stem shared by both towers: embedding, mask token, fixed sin-cos positions (as upstream).
         # NOTE(official): on clips VideoMAE's decoder embedding has no bias and its mask token is drawn from a
         # normal truncated at +-0.02 (modeling_pretrain.py); we keep HPM's image decoder unchanged.
@@ -214,8 +224,9 @@ class HPM(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.register_buffer("decoder_pos_embed", common.sincos_pos_embed(
             decoder_dim, encoder.grid, time_grid=encoder.time_grid)[None])
-        self.decoder = Tower(decoder_dim, decoder_depth, decoder_heads, out_dim)  # reconstructs pixels
-        self.predictor = Tower(decoder_dim, decoder_depth, decoder_heads, out_dim) if learning_loss else None
+        self.decoder = Tower(decoder_dim, decoder_depth, decoder_heads, out_dim)  # reconstructs pixels or features
+        # The predictor keeps its P-wide head, averaged, also for feature targets (as upstream).
+        self.predictor = Tower(decoder_dim, decoder_depth, decoder_heads, P) if learning_loss else None
         # NOTE(official): VideoMAE leaves its Conv3d patch embedding at PyTorch's default init (modeling_pretrain.py
         # initialises Linear and LayerNorm only); MAE's xavier rule here for images and clips alike.
         common.init_mae_weights(self)
@@ -275,9 +286,8 @@ class HPM(nn.Module):
         ids_keep, ids_masked = tube_ids(ids[:, :K], T, S), tube_ids(ids[:, K:], T, S)  # (B, T'K), (B, T'M)
         latent = self.encoder.forward_tokens(gather_tokens(self.encoder.embed_patches(imgs), ids_keep))
         tokens = self.decoder_tokens(latent, ids_keep, ids_masked)  # (B, 1 + N, Dd), fed to both towers
-        recon = self.decoder.head(self.decoder.features(tokens)[:, 1 + T * K:])  # (B, T'M, P)
-        target = gather_tokens(self.pixel_targets(imgs), ids_masked)  # (B, T'M, P)
-        patch_loss = reconstruction_loss(recon, target, self.norm_pix_loss and imgs.ndim == 4)  # (B, T'M)
+        recon = self.decoder.head(self.decoder.features(tokens)[:, 1 + T * K:])  # (B, T'M, P or C)
+        patch_loss = self.patch_losses(imgs, recon, ids_masked)  # (B, T'M)
         loss_rec = patch_loss.mean()  # = MAE's mask-weighted mean, M is the same for every image
         stats = {"loss_rec": loss_rec.detach()}
         if self.predictor is None:
@@ -290,6 +300,15 @@ class HPM(nn.Module):
         stats.update(loss_pred=loss_pred.detach(), rank_corr=rank_correlation(pred, target_loss),
                      hard_ratio=torch.full((), num_hard / self.num_masked, device=imgs.device))
         return loss_rec + loss_pred, stats  # weight 1, as upstream
+
+    def patch_losses(self, imgs, recon, ids_masked):
+        """Per-patch loss of the masked patches, (B, M): MSE against their pixels (clips: tubelets), or 2 - 2 cos against the frozen
+        teacher's tokens of the full image at their positions (official models_mae_learn_feature_loss.py)."""
+        if self.feature_teacher is None:
+            target = gather_tokens(self.pixel_targets(imgs), ids_masked)  # (B, M, P)
+            return reconstruction_loss(recon, target, self.norm_pix_loss and imgs.ndim == 4)  # clips: normalised
+        target = gather_tokens(self.feature_teacher(imgs)[:, 1:], ids_masked)  # (B, M, C), no gradient
+        return common.feature_distance(recon, target)
 
     @torch.no_grad()
     def update_teacher(self, momentum):
@@ -314,7 +333,26 @@ def build(cfg):
                     "the encoder needs one and the ranking loss two masked ones: pass a ratio such as 0.75")
     return HPM(encoder, decoder_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth, decoder_heads=cfg.decoder_heads,
                mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss, learning_loss=cfg.learning_loss,
-               relative=cfg.relative, hard_ratio_max=cfg.hard_ratio_max, epochs=cfg.epochs)
+               relative=cfg.relative, hard_ratio_max=cfg.hard_ratio_max, epochs=cfg.epochs,
+               feature_teacher=feature_teacher(cfg))
+
+
+def feature_teacher(cfg):
+    """The frozen teacher of --target features, or None for pixel targets; the flags checked together."""
+    if cfg.target not in ("pixels", "features") or cfg.clip_act not in ("quickgelu", "gelu"):
+        common.fail(f"unknown --target {cfg.target} or --clip_act {cfg.clip_act}; choose pixels or features, "
+                    "and quickgelu or gelu")
+    if cfg.target == "pixels":
+        if cfg.teacher:
+            common.fail(f"--teacher {cfg.teacher} is read only with --target features; add it or drop --teacher")
+        return None
+    if not cfg.teacher:
+        common.fail("--target features needs --teacher PATH: a CLIP, DINO/timm ViT or our checkpoint.pth (README)")
+    if cfg.norm_pix_loss:
+        common.fail("--norm_pix_loss normalises pixel targets; drop it with --target features")
+    if cfg.num_frames > 1:  # our teachers are image models; a video teacher is not part of the papers either
+        common.fail("--target features takes image teachers; clips train on pixels (VideoMAE's targets)")
+    return common.frozen_teacher(cfg.teacher, cfg.input_size, cfg.patch_size, cfg.clip_act)
 
 
 def make_optimizer(model, cfg, steps_per_epoch):
@@ -354,6 +392,8 @@ def main(cfg):
              f"params; lr {cfg.blr * cfg.batch_size / 256:.3g} = blr {cfg.blr:g} x {cfg.batch_size} / 256; "
              f"{ctx.world} process(es) x {batches.accum} micro-batch(es) of {cfg.micro_batch}; "
              f"{steps_per_epoch} steps/epoch; {ctx.device}, {ctx.dtype}")
+    if model.feature_teacher is not None:  # method-specific
+        log.info(f"hpm: targets are the tokens of {cfg.teacher}: {model.feature_teacher.name}")
     log.warmups(lr=cfg.warmup_epochs)
 
     for epoch in range(start_epoch, cfg.epochs):

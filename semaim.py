@@ -3,9 +3,11 @@ autoregressive ViT over a permutation of patches, with a semantic order. Each st
 the full image without gradient; the patch most cosine-similar to [CLS] is the semantic centre, and patches are
 predicted outward by grid distance from it (ties at random). The content stream (the encoder) sees cls, the
 earlier patches and itself; a query stream that starts from position embeddings only cross-attends to the
-strictly earlier content and predicts Gaussian-blurred, per-patch normalised pixels of every patch.
+strictly earlier content and predicts Gaussian-blurred, per-patch normalised pixels of every patch (SemAIM*: a
+frozen teacher's tokens, whose cls-patch similarity then also picks the centre).
 Paper: arXiv 2312.10457.  Run: torchrun --nproc_per_node=8 semaim.py --data_path /imagenet/train
-Shapes: B batch, N patches on a G x G grid, T = 1 + N tokens ([CLS] first), D width, P = patch*patch*3.
+Shapes: B batch, N patches on a G x G grid, T = 1 + N tokens ([CLS] first), D width, P = patch*patch*3,
+C teacher width (--target features).
 To reuse: copy this file and common.py."""
 import math
 from collections import OrderedDict
@@ -30,9 +32,12 @@ class Config(common.TrainConfig):
     drop_path: float = 0.0  # stochastic depth of both streams (official models_semaim.py: 0 in pretraining)
     query_depth: int = 12  # query-stream blocks, one after every depth // query_depth encoder blocks (README: 12)
     order: str = "semantic"  # semantic (SemAIM, upstream attention_center), stochastic (SAIM), raster (row-major)
-    blur_kernel: int = 9  # side of the Gaussian blur of the pixel targets; 0: no blur (README: 9)
+    blur_kernel: int = 9  # side of the Gaussian blur of the pixel targets (none for features); 0: no blur (README: 9)
     blur_sigma: float = 1.0  # its standard deviation in pixels (README: 1)
-    norm_pix_loss: bool = True  # per-patch normalised targets, unbiased var + 1e-6 (README command: on)
+    norm_pix_loss: bool = True  # per-patch normalised pixel targets, unbiased var + 1e-6 (README command: on)
+    target: str = "pixels"  # pixels (SemAIM) or features: a --teacher's tokens, SemAIM* (upstream --predict_feature)
+    teacher: str = ""  # for features: OpenAI's CLIP .pt, open_clip/DINO/timm state dict, our checkpoint.pth, or self
+    clip_act: str = "quickgelu"  # a CLIP teacher's activation: quickgelu (OpenAI's) or gelu (open_clip GELU models)
     epochs: int = 800  # pretraining epochs (README: 800; 400 also reported)
     warmup_epochs: int = 30  # linear lr warmup (README)
     batch_size: int = 2048  # global batch, the paper's number (README: 32 GPUs x 64)
@@ -146,48 +151,73 @@ class QueryBlock(Block):
 
 class SemAIM(nn.Module):
     """Two-stream autoregressive image modeling in a semantic-aware (or stochastic, raster) order.
-    `loss, stats = model(images, progress)`; progress is unused (no schedule belongs to the method)."""
+    `loss, stats = model(images, progress)`; progress is unused (no schedule belongs to the method).
+    target="features" (SemAIM*): the targets are feature_teacher's tokens (a common.FrozenTeacher), or with
+    feature_teacher=None the model's own no-grad unmasked tokens (upstream's `inference`)."""
 
     def __init__(self, encoder, query_depth=12, order="semantic", blur_kernel=9, blur_sigma=1.0,
-                 norm_pix_loss=True, drop_path=0.0):
+                 norm_pix_loss=True, drop_path=0.0, target="pixels", feature_teacher=None):
         super().__init__()
         depth = len(encoder.blocks)
         if order not in ORDERS:
             raise ValueError(f"unknown order {order}; choose one of {', '.join(ORDERS)}")
         if not 0 < query_depth <= depth or depth % query_depth:
             raise ValueError(f"query_depth {query_depth} must divide the encoder depth {depth}")
-        self.encoder, self.order, self.norm_pix_loss = encoder, order, norm_pix_loss
+        if target not in ("pixels", "features"):
+            raise ValueError(f"unknown target {target}; choose pixels or features")
+        self.encoder, self.order, self.norm_pix_loss, self.target = encoder, order, norm_pix_loss, target
+        self.feature_teacher = feature_teacher  # holds no parameters: never trained, saved or re-initialised
         self.step = depth // query_depth  # a query block after every step-th encoder block (as upstream)
         D, heads = encoder.embed_dim, encoder.blocks[0].attn.num_heads
         rates = torch.linspace(0, drop_path, depth).tolist()[:query_depth]  # upstream's dpr[i] for query block i
         self.query_blocks = nn.ModuleList(QueryBlock(D, heads, drop_path=r) for r in rates)
-        P = encoder.patch_size ** 2 * 3
-        # Head = Linear(D, 4D)-GELU-Linear(4D, P) (upstream's MLP head), upstream's names.
+        if target == "pixels":
+            out = encoder.patch_size ** 2 * 3  # P
+        else:  # NOTE(official): upstream hard-codes CLIP's 512 for clip, D otherwise; here the teacher's width C
+            out = feature_teacher.embed_dim if feature_teacher is not None else D
+        # Head = Linear(D, 4D)-GELU-Linear(4D, P or C) (upstream's MLP head), upstream's names.
         self.prediction_head = nn.Sequential(OrderedDict(
-            fc1=nn.Linear(D, 4 * D), act=nn.GELU(), fc2=nn.Linear(4 * D, P)))
+            fc1=nn.Linear(D, 4 * D), act=nn.GELU(), fc2=nn.Linear(4 * D, out)))
         # NOTE(official): upstream saves the blur kernel in the checkpoint; here it is a non-persistent buffer.
-        kernel = gaussian_kernel(blur_kernel, blur_sigma)[None, None] if blur_kernel > 0 else None
+        # No blur for feature targets (as upstream).
+        blur = blur_kernel > 0 and target == "pixels"
+        kernel = gaussian_kernel(blur_kernel, blur_sigma)[None, None] if blur else None
         self.register_buffer("blur", kernel, persistent=False)  # (1, 1, k, k) or None
         common.init_mae_weights(self)  # xavier Linear incl. each of q/k/v, zero bias, LN (1, 0), cls N(0, .02)
 
     @torch.no_grad()
-    def semantic_centre(self, imgs):
-        """The current encoder on the full image, no mask, no gradient, eval mode (drop-path off), final norm;
-        the patch most cosine-similar to [CLS] (upstream's cls mode; the softmax upstream is irrelevant to the
-        arg-max). NOTE(official): upstream runs this in fp32 outside autocast and runs the last block twice
-        (once only to read attention maps that the cls mode never uses); here one plain pass in the step's
-        precision (fp32 on CPU). -> (B,) row-major patch index"""
+    def own_tokens(self, imgs):
+        """The current encoder on the full image, no mask, no gradient, eval mode (drop-path off), final norm.
+        NOTE(official): upstream runs this in fp32 outside autocast for the order (inside it for `inference`
+        targets) and runs the last block twice (once only to read attention maps that the cls mode never uses);
+        here one plain pass in the step's precision (fp32 on CPU). -> (B, T, D)"""
         training = self.encoder.training
         self.encoder.eval()
-        z = self.encoder(imgs).float()  # (B, T, D)
+        z = self.encoder(imgs)
         self.encoder.train(training)
+        return z
+
+    @torch.no_grad()
+    def semantic_centre(self, imgs, tokens=None):
+        """The patch whose token is most cosine-similar to [CLS] (upstream's cls mode; its softmax, or min-max
+        scaling for a teacher, does not move the arg-max), in `tokens` (a teacher's, (B, T, C)) or else in the
+        current encoder's own unmasked pass. -> (B,) row-major patch index"""
+        z = (tokens if tokens is not None else self.own_tokens(imgs)).float()  # (B, T, D or C)
         return F.cosine_similarity(z[:, :1], z[:, 1:], dim=-1).argmax(dim=1)
 
-    def ranks(self, imgs):
-        """Order position of every patch for this step, from the current weights (as upstream). -> (B, N)"""
-        centre = self.semantic_centre(imgs) if self.order == "semantic" else None
+    def ranks(self, imgs, tokens=None):
+        """Order position of every patch for this step, from the current weights or the teacher's tokens (as
+        upstream). -> (B, N)"""
+        centre = self.semantic_centre(imgs, tokens) if self.order == "semantic" else None
         scores = order_scores(self.order, imgs.shape[0], self.encoder.grid, imgs.device, centre)
         return order_ranks(scores)
+
+    def teacher_tokens(self, imgs):
+        """Feature targets of this step, (B, T, C), no gradient: the frozen teacher's tokens of the full image, or
+        the model's own (upstream's `inference`); None for pixel targets."""
+        if self.target == "pixels":
+            return None
+        return self.feature_teacher(imgs) if self.feature_teacher is not None else self.own_tokens(imgs)
 
     def predict(self, imgs, rank):
         """Both streams under the masks of `rank`; tokens stay in raster order (as upstream). -> (B, N, P)"""
@@ -206,8 +236,11 @@ class SemAIM(nn.Module):
         return self.prediction_head(enc.norm(g[:, 1:]))  # (B, N, P)
 
     def forward(self, imgs, progress=None):
-        rank = self.ranks(imgs)  # (B, N); before the masked pass, so its activations are freed first
-        pred = self.predict(imgs, rank)
+        tokens = self.teacher_tokens(imgs)  # (B, T, C) or None; a teacher's also set the order (upstream)
+        rank = self.ranks(imgs, tokens)  # (B, N); before the masked pass, so its activations are freed first
+        pred = self.predict(imgs, rank)  # (B, N, P or C)
+        if tokens is not None:  # 2 - 2 cos per patch, every patch, equal weight (upstream forward_feature_loss)
+            return common.feature_distance(pred, tokens[:, 1:]).mean(), order_stats(rank, self.encoder.grid)
         # NOTE(official): upstream blurs and normalises under fp16 autocast; here always fp32 (our precision
         # convention: pixel normalisation in fp32), so the targets do not depend on --dtype.
         with torch.no_grad(), torch.autocast(imgs.device.type, enabled=False):
@@ -246,7 +279,25 @@ def build(cfg):
     if cfg.blur_kernel > 0 and cfg.blur_kernel % 2 == 0:
         common.fail(f"--blur_kernel {cfg.blur_kernel}: the kernel needs an odd side; pass e.g. 9, or 0 for no blur")
     return SemAIM(encoder, query_depth=cfg.query_depth, order=cfg.order, blur_kernel=cfg.blur_kernel,
-                  blur_sigma=cfg.blur_sigma, norm_pix_loss=cfg.norm_pix_loss, drop_path=cfg.drop_path)
+                  blur_sigma=cfg.blur_sigma, norm_pix_loss=cfg.norm_pix_loss, drop_path=cfg.drop_path,
+                  target=cfg.target, feature_teacher=feature_teacher(cfg))
+
+
+def feature_teacher(cfg):
+    """The frozen teacher of --target features (None for pixels or --teacher self); the flags checked together."""
+    if cfg.target not in ("pixels", "features") or cfg.clip_act not in ("quickgelu", "gelu"):
+        common.fail(f"unknown --target {cfg.target} or --clip_act {cfg.clip_act}; choose pixels or features, "
+                    "and quickgelu or gelu")
+    if cfg.target == "pixels":
+        if cfg.teacher:
+            common.fail(f"--teacher {cfg.teacher} is read only with --target features; add it or drop --teacher")
+        return None
+    if not cfg.teacher:
+        common.fail("--target features needs --teacher: a CLIP, DINO/timm ViT or our checkpoint.pth (README), "
+                    "or self (the model's own features)")
+    if cfg.teacher == "self":
+        return None
+    return common.frozen_teacher(cfg.teacher, cfg.input_size, cfg.patch_size, cfg.clip_act)
 
 
 def make_optimizer(model, cfg, steps_per_epoch):
@@ -285,6 +336,10 @@ def main(cfg):
     log.info(f"semaim: {cfg.order} order over a {grid} x {grid} grid; {cfg.query_depth} query blocks, one "
              f"after every {model.step} encoder block(s); uniform centres would give centre_dist "
              f"{uniform_centre_dist(grid):.2f}, centre_border {4 * (grid - 1) / grid ** 2:.2f}")
+    if cfg.target == "features":
+        teacher = model.feature_teacher.name if model.feature_teacher is not None else "its own unmasked features"
+        centres = " and semantic centres" if cfg.order == "semantic" else ""
+        log.info(f"semaim: SemAIM*, targets{centres} from {cfg.teacher}: {teacher}")
     log.warmups(lr=cfg.warmup_epochs)
 
     for epoch in range(start_epoch, cfg.epochs):

@@ -104,3 +104,77 @@ def tiny_args(data_path, output_dir, *extra, method="hpm"):
     return ["--preset", "cifar10", "--data_path", str(data_path), "--output_dir", str(output_dir), *TINY[method],
             "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "8", "--micro_batch", "4", "--num_workers", "0",
             "--log_every", "1", *extra]
+
+
+# Teacher weight files in the layouts common.frozen_teacher reads (tests, and the README's Done-when runs):
+#   python -c "import sys; sys.path.insert(0, 'tests'); import conftest; conftest.write_tiny_clip('tiny_clip.pt')"
+def write_tiny_clip(path, quick_gelu=True, archive=False, seed=0):
+    """A tiny CLIP with random weights (image tower: 32 px, patch 4, 2 blocks of width 128 = 2 heads of 64, 48-d
+    tokens; a 1-block text tower), saved as open_clip's checkpoints are: the plain state dict of open_clip's CLIP
+    (visual.* and the text tower's keys). archive=True saves it as OpenAI's ViT-B-16.pt is instead: a TorchScript
+    archive with fp16 weights and OpenAI's metadata entries. -> the open_clip model (fp32, eval mode)"""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    torch.manual_seed(seed)
+    vision = CLIPVisionCfg(layers=2, width=128, head_width=64, patch_size=4, image_size=32)
+    model = CLIP(embed_dim=48, vision_cfg=vision,
+                 text_cfg=CLIPTextCfg(context_length=8, vocab_size=64, width=64, heads=1, layers=1),
+                 quick_gelu=quick_gelu)
+    with torch.no_grad():  # open_clip initialises norms to (1, 0) and biases to 0: make every weight matter
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    state = model.state_dict()
+    if not archive:
+        torch.save(state, path)
+        return model.eval()
+    state = {k: v.half() for k, v in state.items()}
+    state.update(input_resolution=torch.tensor(32), context_length=torch.tensor(8), vocab_size=torch.tensor(64))
+    root = torch.nn.Module()  # a module tree with exactly these names, scripted: a real TorchScript archive
+    for name, value in state.items():
+        *path_names, leaf = name.split(".")
+        node = root
+        for p in path_names:
+            if p not in node._modules:
+                node.add_module(p, torch.nn.Module())
+            node = node._modules[p]
+        node.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
+    torch.jit.script(root).save(path)
+    return model.eval()
+
+
+def write_timm_vit(path, wrap=True, seed=0):
+    """timm's ViT-Tiny at 32 px, patch 4, 2 blocks (vit_tiny_patch16_224 with img_size=32, patch_size=4, depth=2,
+    10 classes) with random weights, saved as timm / DeiT training checkpoints are ({"model": state dict}, with
+    head.*); wrap=False: the bare backbone state dict, as DINO's dino_vitbase16_pretrain.pth. -> the timm model
+    (eval mode)"""
+    import timm
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2, num_classes=10).eval()
+    state = model.state_dict()
+    torch.save({"model": state} if wrap else {k: v for k, v in state.items() if not k.startswith("head.")}, path)
+    return model
+
+
+def write_own_checkpoint(output_dir, seed=0):
+    """A checkpoint.pth of ours as hpm.py writes it (the cifar10 preset's ViT-Tiny/4 at 32 px, untrained).
+    -> the model"""
+    import common
+    import hpm
+    cfg = common.parse_config(hpm.Config, tiny_args("unused", output_dir, method="hpm"))
+    torch.manual_seed(seed)
+    model = hpm.build(cfg)
+    os.makedirs(output_dir, exist_ok=True)
+    common.save_checkpoint(cfg, "hpm", model, common.adamw(model, 1e-3, 0.05), 1, cpu_context())
+    return model
+
+
+@pytest.fixture(scope="session")
+def teacher_files(tmp_path_factory):
+    """{kind: path} of one teacher per layout: clip (open_clip), openai (TorchScript), timm, dino, own."""
+    root = tmp_path_factory.mktemp("teachers")
+    write_tiny_clip(str(root / "clip.pt"))
+    write_tiny_clip(str(root / "openai.pt"), archive=True)
+    write_timm_vit(str(root / "timm.pth"))
+    write_timm_vit(str(root / "dino.pth"), wrap=False)
+    write_own_checkpoint(str(root / "own"))
+    return {"clip": str(root / "clip.pt"), "openai": str(root / "openai.pt"), "timm": str(root / "timm.pth"),
+            "dino": str(root / "dino.pth"), "own": str(root / "own" / "checkpoint.pth")}

@@ -149,7 +149,7 @@ def test_forward_recomputes_the_order_from_the_current_weights(monkeypatch):
     """§5: each forward calls the order pass (semantic) and skips it for stochastic/raster."""
     calls = []
     orig = SemAIM.semantic_centre
-    monkeypatch.setattr(SemAIM, "semantic_centre", lambda self, x: calls.append(1) or orig(self, x))
+    monkeypatch.setattr(SemAIM, "semantic_centre", lambda self, x, t=None: calls.append(1) or orig(self, x, t))
     x = images(2)
     tiny_semaim()(x)
     tiny_semaim()(x)

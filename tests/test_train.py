@@ -39,13 +39,23 @@ DIAGNOSTICS = {"hpm": {"loss_rec", "loss_pred", "rank_corr", "hard_ratio"},
                "mokd": {"loss_sm_cnn", "loss_st_cnn", "loss_cm_cnn", "loss_ct_cnn", "loss_sm_vit", "loss_st_vit",
                         "loss_cm_vit", "loss_ct_vit", "teacher_temp_cnn", "teacher_temp_vit"},
                "scfs": {"loss_dino", "loss_stage_global", "loss_search", "search_sim", "teacher_temp"}}
+# Every method, and the two with feature targets from a frozen teacher (conftest.teacher_files: clip, timm).
+RUNS = [(m, None) for m in METHODS] + [("hpm", "clip"), ("semaim", "timm")]
+RUN_IDS = [m if t is None else f"{m}-{t}-teacher" for m, t in RUNS]
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_torchrun_two_processes_keep_identical_weights(method, image_root, tmp_path):
+def teacher_args(teacher, request):
+    """--target features --teacher <tiny file of that kind>, or nothing."""
+    if teacher is None:
+        return []
+    return ["--target", "features", "--teacher", request.getfixturevalue("teacher_files")[teacher]]
+
+
+@pytest.mark.parametrize("method,teacher", RUNS, ids=RUN_IDS)
+def test_torchrun_two_processes_keep_identical_weights(method, teacher, image_root, tmp_path, request):
     """2 processes on CPU (gloo): after training, every weight (teachers too) is identical on both ranks."""
     out = tmp_path / "ddp"
-    args = tiny_args(image_root / "train", out, method=method)
+    args = tiny_args(image_root / "train", out, *teacher_args(teacher, request), method=method)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", os.path.join(ROOT, "tests", "ddp_run.py"),
            method, *args]
@@ -82,13 +92,16 @@ def assert_equal_states(a, b, where="optimizer"):
         assert a == b, where
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_resume_is_bitwise_identical(method, image_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method,teacher", RUNS, ids=RUN_IDS)
+def test_resume_is_bitwise_identical(method, teacher, image_root, tmp_path, monkeypatch, request):
     """2 epochs straight == 1 epoch, crash, automatic resume, 1 epoch: identical weights and optimizer;
-    the checkpoint holds the encoder at the top level under timm's names, which eval_linear loads."""
+    the checkpoint holds the encoder at the top level under timm's names, which eval_linear loads. A frozen
+    teacher is not in the checkpoint; its config records the teacher's path."""
     module = METHODS[method]
+    extra = teacher_args(teacher, request)
     def args(out):
-        return common.parse_config(module.Config, tiny_args(image_root / "train", tmp_path / out, method=method))
+        return common.parse_config(module.Config,
+                                   tiny_args(image_root / "train", tmp_path / out, *extra, method=method))
 
     model = module.main(args("a"))
 
@@ -114,6 +127,9 @@ def test_resume_is_bitwise_identical(method, image_root, tmp_path, monkeypatch):
     assert log_b == list(range(6))  # 3 steps x 2 epochs: none skipped or repeated on resume
 
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in a["model"])
+    if teacher:
+        assert a["config"]["teacher"] == extra[-1] and a["model"].keys() == common.export_state(model).keys()
+        assert not any("feature_teacher" in k for k in a["model"])
     path, state = str(tmp_path / "a" / "checkpoint.pth"), model.state_dict()
     if "encoders" not in a:  # MAE-style: the encoder at the top level under timm's names
         assert not any(k.startswith("encoder.") for k in a["model"])

@@ -462,7 +462,7 @@ def test_resume_on_clips_is_bitwise_identical_and_evaluates(clip_root, tmp_path,
         "--knn_k", "1", "--device", "cpu"])
     result = eval_linear.main(eval_cfg)
     assert result["train_images"] == result["val_images"] == 24 and 0 <= result["linear_top1"] <= 100
-    dataset = common.clip_dataset(str(clip_root / "train"), common.ClipTransform(eval_linear.eval_transform(16)),
+    dataset = common.clip_dataset(str(clip_root / "train"), common.ClipTransform(common.eval_transform(16)),
                                   4, 2, train=False)
     x1, y = eval_linear.extract(encoder, dataset, eval_cfg, torch.device("cpu"), pool="mean")
     x2, _ = eval_linear.extract(encoder, dataset, eval_cfg, torch.device("cpu"), pool="mean")

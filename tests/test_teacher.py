@@ -1,0 +1,241 @@
+"""Frozen feature teachers (common.frozen_teacher) and the feature targets they feed: HPM's feature variant and
+SemAIM*. The weight layouts are checked against the reference code that defines them (open_clip, timm)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import hpm
+import semaim
+from conftest import TINY, tiny_args, write_timm_vit, write_tiny_clip
+
+
+def renormalise(x, mean, std):
+    """Images normalised with ImageNet's mean/std -> the same images normalised with (mean, std)."""
+    view = lambda v: torch.tensor(v).view(1, 3, 1, 1)  # noqa: E731
+    pixels = x * view(common.IMAGENET_STD) + view(common.IMAGENET_MEAN)
+    return (pixels - view(mean)) / view(std)
+
+
+def images(batch=2, seed=0):
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def spy(monkeypatch, module, *names):
+    """Wrap module.<name> functions so each call's result (and arguments) are recorded: {name: (result, args)}."""
+    seen = {}
+    for name in names:
+        def wrapped(*args, _name=name, _f=getattr(module, name)):
+            seen[_name] = (_f(*args), args)
+            return seen[_name][0]
+        monkeypatch.setattr(module, name, wrapped)
+    return seen
+
+
+def config(module, teacher, *extra):
+    return common.parse_config(module.Config, tiny_args("unused", "unused", "--target", "features", "--teacher",
+                                                        teacher, *extra, method=module.__name__))
+
+
+@pytest.mark.parametrize("quick_gelu", [True, False])
+def test_clip_tower_equals_open_clip(quick_gelu, tmp_path):
+    """Every token through ln_post and proj equals open_clip's image tower on the same random weights: its pooled
+    output (the cls token) and its patch tokens times proj; the input re-normalised with CLIP's mean/std; the wrong
+    activation gives other tokens (the file does not record it)."""
+    path = str(tmp_path / "clip.pt")
+    model = write_tiny_clip(path, quick_gelu=quick_gelu)
+    act = "quickgelu" if quick_gelu else "gelu"
+    teacher = common.frozen_teacher(path, 32, 4, clip_act=act)
+    x = images()
+    model.visual.output_tokens = True
+    with torch.no_grad():
+        pooled, patch_tokens = model.visual(renormalise(x, common.CLIP_MEAN, common.CLIP_STD))
+    tokens = teacher(x)
+    assert tokens.shape == (2, 1 + 64, 48) and teacher.embed_dim == 48 and teacher.grid == 8
+    torch.testing.assert_close(tokens[:, 0], pooled, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tokens[:, 1:], patch_tokens @ model.visual.proj.detach(), atol=1e-5, rtol=1e-5)
+    other = common.frozen_teacher(path, 32, 4, clip_act="gelu" if quick_gelu else "quickgelu")
+    assert (other(x) - tokens).abs().max() > 1e-3
+
+
+def test_openai_archive_loads_every_visual_key(teacher_files, tmp_path):
+    """OpenAI's layout (a TorchScript archive, fp16 weights, text tower and metadata alongside): every visual.* entry
+    loads, none is missing or left over, weights become fp32; the tokens equal those of the same weights in fp32
+    rounded to fp16 from an open_clip state dict."""
+    archive = torch.jit.load(teacher_files["openai"]).state_dict()
+    visual = {k.removeprefix("visual."): v for k, v in archive.items() if k.startswith("visual.")}
+    teacher = common.frozen_teacher(teacher_files["openai"], 32, 4)
+    loaded = teacher.nets[0].state_dict()
+    assert loaded.keys() == visual.keys()
+    for k, v in visual.items():
+        assert v.dtype == torch.float16 and loaded[k].dtype == torch.float32 and torch.equal(loaded[k], v.float()), k
+    plain = {k: v.half().float() for k, v in torch.load(teacher_files["clip"], weights_only=True).items()}
+    torch.save(plain, tmp_path / "clip_fp16.pt")
+    x = images()
+    assert torch.equal(teacher(x), common.frozen_teacher(str(tmp_path / "clip_fp16.pt"), 32, 4)(x))
+    with pytest.raises(SystemExit, match="QuickGELU"):
+        common.frozen_teacher(teacher_files["openai"], 32, 4, clip_act="gelu")
+
+
+@pytest.mark.parametrize("kind", ["timm", "dino"])
+def test_timm_and_dino_layouts_equal_timm_forward_features(kind, tmp_path):
+    """A timm checkpoint ({"model": ...} with head.*) and a bare DINO-style backbone state dict load into our ViT
+    (3 heads for width 192: 64-d heads) and give timm's forward_features (final-normed tokens, cls first); ImageNet
+    normalisation is kept."""
+    path = str(tmp_path / f"{kind}.pth")
+    model = write_timm_vit(path, wrap=kind == "timm")
+    teacher = common.frozen_teacher(path, 32, 4)
+    assert teacher.nets[0].blocks[0].attn.num_heads == 3 and teacher.embed_dim == 192
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), model.forward_features(x), atol=1e-5, rtol=1e-5)
+
+
+def test_own_checkpoint_teacher_is_its_encoder(teacher_files):
+    """One of our checkpoints: the teacher is its encoder as eval_linear loads it (ImageNet normalisation kept)."""
+    encoder, _, _ = common.load_encoder(teacher_files["own"])
+    teacher = common.frozen_teacher(teacher_files["own"], 32, 4)
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(teacher(x), encoder(x))
+
+
+def test_teacher_is_frozen_unsaved_and_moves_with_the_model(teacher_files):
+    """The teacher gets no gradient, stays in eval mode under model.train(), is absent from parameters() and the
+    state dict (so from the checkpoint and the optimizer), is not re-initialised by the model's init, follows
+    .to() / .double(), and runs under the step's autocast."""
+    cfg = config(hpm, teacher_files["timm"])
+    reference = common.frozen_teacher(teacher_files["timm"], 32, 4)
+    model = hpm.build(cfg).train()
+    net = model.feature_teacher.nets[0]
+    assert not any(m.training for m in net.modules())
+    assert {id(p) for p in net.parameters()}.isdisjoint(id(p) for p in model.parameters())
+    pixels = common.parse_config(hpm.Config, tiny_args("unused", "unused", method="hpm"))
+    assert model.state_dict().keys() == hpm.build(pixels).state_dict().keys()  # only the head's shape differs
+    x = images(4)
+    assert torch.equal(model.feature_teacher(x), reference(x))  # the model's init left the weights alone
+    loss, _ = model(x, 0.5)
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in net.parameters())
+    assert model.encoder.blocks[0].attn.qkv.weight.grad is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # its matmuls run in bf16: close, not equal
+        low = model.feature_teacher(x).float()
+    assert not torch.equal(low, reference(x)) and torch.allclose(low, reference(x), atol=0.1)
+    model.double()
+    assert all(p.dtype == torch.float64 for p in net.parameters())
+    assert model.feature_teacher.shift.dtype == torch.float64
+
+
+def test_feature_distance_is_two_minus_two_cosine():
+    """0 when the prediction is the target times a positive scale, 4 when opposite, 2 when orthogonal, summed over
+    channels per token."""
+    target = torch.randn(3, 5, 16)
+    assert torch.allclose(common.feature_distance(target * 7.5, target), torch.zeros(3, 5), atol=1e-6)
+    assert torch.allclose(common.feature_distance(-0.1 * target, target), torch.full((3, 5), 4.0))
+    e = torch.eye(2)
+    assert common.feature_distance(e[:1], e[1:]).item() == pytest.approx(2.0)
+    cos = F.cosine_similarity(target[0], target[1], dim=-1)
+    assert torch.allclose(common.feature_distance(target[0], target[1]), 2 - 2 * cos, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,width", [("clip", 48), ("timm", 192), ("own", 192)])
+def test_head_width_follows_the_teacher(kind, width, teacher_files):
+    """The reconstruction head outputs the teacher's width (CLIP: its projection, 48 here); HPM's loss predictor
+    keeps its P-wide head (averaged, as upstream); SemAIM* with --teacher self predicts the encoder's width."""
+    model = hpm.build(config(hpm, teacher_files[kind], *TINY["hpm"]))
+    assert model.decoder.head.out_features == width and model.predictor.head.out_features == 4 * 4 * 3
+    model = semaim.build(config(semaim, teacher_files[kind], *TINY["semaim"]))
+    assert model.prediction_head.fc2.out_features == width and model.blur is None
+    assert semaim.build(config(semaim, "self", *TINY["semaim"])).prediction_head.fc2.out_features == 192
+
+
+def test_grid_mismatch_names_both_grids(teacher_files):
+    """A teacher whose token grid differs from the student's stops with one line naming both grids."""
+    with pytest.raises(SystemExit) as e:
+        common.frozen_teacher(teacher_files["clip"], 32, 8)
+    assert str(e.value).startswith("error:") and "8 x 8" in str(e.value) and "4 x 4" in str(e.value)
+    with pytest.raises(SystemExit) as e:  # same grid, another image size: the teacher would see other patches
+        common.frozen_teacher(teacher_files["timm"], 64, 8)
+    assert "8 x 8 token grid (32 px, patch 4)" in str(e.value)
+
+
+def test_bad_teacher_files_are_one_line_errors(teacher_files, tmp_path):
+    """Missing file, a file that is no weight file, weights of no known layout, a half CLIP, a bad flag
+    combination: each one line `error: ...`."""
+    (tmp_path / "notes.txt").write_text("not weights")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    state = torch.load(teacher_files["clip"], weights_only=True)
+    torch.save({k: v for k, v in state.items() if "resblocks.1." not in k or "visual" not in k or "ln_2" in k},
+               tmp_path / "half.pt")
+    cases = {str(tmp_path / "missing.pt"): "is not a file", str(tmp_path / "notes.txt"): "cannot read",
+             str(tmp_path / "other.pth"): "is neither CLIP", str(tmp_path / "half.pt"): "does not fit a CLIP"}
+    for path, message in cases.items():
+        with pytest.raises(SystemExit) as e:
+            common.frozen_teacher(path, 32, 4)
+        assert str(e.value).startswith("error:") and message in str(e.value) and "\n" not in str(e.value)
+    for module in (hpm, semaim):
+        for args in (["--target", "features"], ["--teacher", teacher_files["clip"]], ["--target", "feature"]):
+            cfg = common.parse_config(module.Config, tiny_args("unused", "unused", *args, method=module.__name__))
+            with pytest.raises(SystemExit, match="^error: "):
+                module.build(cfg)
+
+
+def test_hpm_ranking_targets_are_the_per_patch_feature_losses(teacher_files, monkeypatch):
+    """HPM with feature targets: the ranking targets are, patch by patch, 2 - 2 cos between the reconstruction
+    and the teacher's token of the full image at that masked position, and their mean is loss_rec."""
+    model = hpm.build(config(hpm, teacher_files["clip"], *TINY["hpm"]))
+    seen = spy(monkeypatch, hpm, "mask_order", "ranking_loss")
+    model.decoder.head.register_forward_hook(lambda m, i, out: seen.setdefault("recon", out))
+    x = images(4)
+    torch.manual_seed(0)
+    _, stats = model(x, 0.9)
+    ids_masked = seen["mask_order"][0][:, model.num_visible:]
+    full = model.feature_teacher.nets[0](renormalise(x, common.CLIP_MEAN, common.CLIP_STD))[:, 1:]  # (B, N, C)
+    target = full[torch.arange(4)[:, None], ids_masked]  # (B, M, C)
+    recon = seen["recon"].detach()
+    expected = ((recon / recon.norm(dim=-1, keepdim=True) - target / target.norm(dim=-1, keepdim=True)) ** 2).sum(-1)
+    torch.testing.assert_close(seen["ranking_loss"][1][1], expected, atol=1e-5, rtol=1e-5)  # (pred, target)
+    assert stats["loss_rec"].item() == pytest.approx(expected.mean().item(), abs=1e-5)
+
+
+
+@pytest.mark.parametrize("kind", ["clip", "dino"])
+def test_semaim_star_order_and_targets_come_from_the_teacher(kind, teacher_files, monkeypatch):
+    """SemAIM*: the first patch of the order is the teacher's most cls-similar patch, the student's unmasked pass
+    is skipped (the order does not change with the student's weights), and the loss is the mean over all patches
+    of 2 - 2 cos to the teacher's tokens."""
+    model = semaim.build(config(semaim, teacher_files[kind], *TINY["semaim"]))
+    calls = []
+    model.encoder.register_forward_hook(lambda *a: calls.append(1))  # the unmasked pass calls encoder.forward
+    seen = spy(monkeypatch, semaim, "order_masks")
+    preds = []
+    model.prediction_head.register_forward_hook(lambda m, i, out: preds.append(out.detach()))
+    x = images(4)
+    loss, _ = model(x)
+    tokens = model.feature_teacher(x)
+    centre = F.cosine_similarity(tokens[:, :1], tokens[:, 1:], dim=-1).argmax(1)
+    first = (seen["order_masks"][1][0] == 0).float().argmax(1)  # the patch of rank 0
+    assert torch.equal(first, centre) and not calls
+    expected = (F.normalize(preds[0], dim=-1) - F.normalize(tokens[:, 1:], dim=-1)).pow(2).sum(-1).mean()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    with torch.no_grad():  # other student weights, the same order
+        for p in model.encoder.parameters():
+            p.add_(torch.randn_like(p))
+    model(x)
+    assert torch.equal((seen["order_masks"][1][0] == 0).float().argmax(1), centre)
+
+
+def test_semaim_self_targets_are_the_own_unmasked_features(teacher_files):
+    """--teacher self (upstream's `inference`): one unmasked no-grad pass of the current encoder gives both the order's
+    centre and the targets; the loss is 2 - 2 cos to its patch tokens."""
+    model = semaim.build(config(semaim, "self", *TINY["semaim"]))
+    calls = []
+    model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    preds = []
+    model.prediction_head.register_forward_hook(lambda m, i, out: preds.append(out))
+    x = images(4)
+    loss, _ = model(x)
+    assert len(calls) == 1  # targets and centre share the pass
+    own = model.own_tokens(x)
+    expected = common.feature_distance(preds[0].detach(), own[:, 1:]).mean()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
