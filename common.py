@@ -271,7 +271,8 @@ def mae_transform(size, scale=(0.2, 1.0)):
 
 def eval_transform(size):
     """Evaluation: resize + centre crop, normalise. The crop is 224/256 of the resized image up to 224 px and the
-    whole image above (MAE util/datasets.py); none below 112 px, where images such as CIFAR's have the input size."""
+    whole image above (MAE util/datasets.py). NOTE(official): none below 112 px, where images such as CIFAR's
+    already have the input size (MAE resizes a 32 px image to 36 and crops it back)."""
     resize = int(size * 256 / 224) if 112 <= size <= 224 else size
     return transforms.Compose([
         transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(size),
@@ -1286,7 +1287,8 @@ def resume(cfg, method, model, optimizer, ctx):
              f"run, or --resume {path} to continue it with the new settings")
     if ckpt["epoch"] >= cfg.epochs:
         if ctx.main:
-            print(f"{path} has already trained {ckpt['epoch']} epochs and --epochs is {cfg.epochs}: nothing to "
+            n = ckpt["epoch"]
+            print(f"{path} has already trained {n} epoch{'s' * (n != 1)} and --epochs is {cfg.epochs}: nothing to "
                   "train (pass a larger --epochs to train on)", file=sys.stderr)
         sys.exit(0)
     missing = [k for k in ("optimizer", "rng") if k not in ckpt]
@@ -1308,7 +1310,8 @@ def resume(cfg, method, model, optimizer, ctx):
         if changed:
             print(f"resuming {path} with changed settings: {', '.join(changed)}", file=sys.stderr)
         print(f"resumed from {path}: epoch {ckpt['epoch']} of {cfg.epochs}", file=sys.stderr)
-    return ckpt["epoch"]  # NOTE(official): the next epoch itself; MAE-based code adds 1 again and skips an epoch
+    return ckpt["epoch"]  # NOTE(official): the next epoch itself; HPM's and DropPos's forks of MAE store epoch + 1
+    # and add 1 again at load (util/misc.py), skipping an epoch on every resume
 
 
 # --- Logging ---------------------------------------------------------------------------------------

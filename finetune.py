@@ -194,7 +194,7 @@ def train_transform(size, crop_scale=0.08, rand_ops=2, rand_magnitude=9, reprob=
         steps.append(transforms.RandAugment(num_ops=rand_ops, magnitude=rand_magnitude, num_magnitude_bins=11,
                                             interpolation=bicubic, fill=mean_pixel))
     steps += [transforms.ToTensor(), transforms.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
-    if reprob > 0:
+    if reprob > 0:  # NOTE(official): timm's RandomErasing in pixel mode; torchvision's with per-pixel noise is the same
         steps.append(transforms.RandomErasing(p=reprob, value="random"))
     return transforms.Compose(steps)
 
@@ -324,7 +324,8 @@ def evaluate(model, dataset, cfg, ctx, desc="evaluation"):
 
 
 def keep_best(path, output_dir):
-    """Copy the checkpoint at path to output_dir/checkpoint_best.pth (through a temporary file: never half-written)."""
+    """Copy the checkpoint at path to output_dir/checkpoint_best.pth (through a temporary file: never half-written).
+    NOTE(official): MAE writes checkpoint-{epoch}.pth every epoch and marks none as best; here the last and the best."""
     best = os.path.join(output_dir, "checkpoint_best.pth")
     shutil.copyfile(path, best + ".tmp")
     os.replace(best + ".tmp", best)

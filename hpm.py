@@ -84,8 +84,9 @@ class Config(common.TrainConfig):
 def mask_order(batch, num_patches, device, scores=None, num_hard=0):
     """Per-image patch order whose first K entries are the visible patches (official generate_mask). The num_hard
     highest-scoring patches are always masked; of the remaining N - num_hard, a uniformly random set of
-    K stays visible (the official per-image numpy loop, vectorised: same distribution). num_hard = 0
-    is MAE's uniform random mask. scores: (B, N) teacher difficulty. -> ids (B, N)."""
+    K stays visible. NOTE(official): the official per-image numpy loop with a .cpu() per image, vectorised here:
+    the same distribution, no host sync. num_hard = 0 is MAE's uniform random mask.
+    scores: (B, N) teacher difficulty. -> ids (B, N)."""
     noise = torch.rand(batch, num_patches, device=device)  # in [0, 1): a uniform random order
     if num_hard > 0:
         hard = scores.topk(num_hard, dim=1).indices  # (B, num_hard)
@@ -191,8 +192,9 @@ class Tower(nn.Module):
 
 
 def predicted_loss(tower, features):
-    """The loss predictor's score per token: the mean of its P head outputs (as the official code does),
-    computed with the mean head row (same value and gradients, no (B, T, P) tensor). -> (B, T)"""
+    """The loss predictor's score per token: the mean of its P head outputs (as the official code does).
+    NOTE(official): computed with the mean head row: the same value and gradients, no (B, T, P) tensor.
+    -> (B, T)"""
     w, b = tower.head.weight, tower.head.bias
     return F.linear(features, w.mean(0, keepdim=True), b.mean(0, keepdim=True)).squeeze(-1)
 
@@ -262,7 +264,8 @@ class HPM(nn.Module):
 
     def decoder_tokens(self, latent, ids_keep, ids_masked):
         """[cls, visible tokens, mask tokens], each with its position; visible first, then masked, in
-        mask_order's order (attention is permutation-equivariant, so no MAE unshuffle is needed).
+        mask_order's order. NOTE(official): upstream unshuffles to raster order; attention is permutation-equivariant
+        and the targets are gathered in the same order, so nothing changes but the gather.
         latent (B, 1 + K, D) -> (B, 1 + N, Dd)"""
         x = self.decoder_embed(latent)  # (B, 1 + K, Dd)
         pos = self.decoder_pos_embed[:, 1:].expand(x.shape[0], -1, -1)  # (B, N, Dd)
@@ -280,7 +283,8 @@ class HPM(nn.Module):
     def forward(self, imgs, progress):
         B, S, K, T = imgs.shape[0], self.encoder.grid ** 2, self.num_visible, self.encoder.time_grid
         num_hard = self.num_hard(progress)
-        scores = self.teacher_scores(imgs) if num_hard > 0 else None  # skipped while n_hard = 0
+        # NOTE(official): upstream runs the teacher pass even while n_hard = 0, when its output is unused
+        scores = self.teacher_scores(imgs) if num_hard > 0 else None
         ids = mask_order(B, S, imgs.device, scores, num_hard)  # (B, S)
         # Clips: the same spatial mask in every time slice (tubes); n_hard counts tubes (our reading of the paper).
         ids_keep, ids_masked = tube_ids(ids[:, :K], T, S), tube_ids(ids[:, K:], T, S)  # (B, T'K), (B, T'M)

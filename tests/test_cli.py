@@ -76,7 +76,7 @@ def test_resuming_a_finished_run_says_so_and_exits_0(image_root, tmp_path, capsy
     before = os.path.getmtime(tmp_path / "checkpoint.pth")
     with pytest.raises(SystemExit) as e:
         hpm.main(common.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path, "--epochs", "1")))
-    assert e.value.code == 0 and "has already trained 1 epochs and --epochs is 1: nothing to train" in \
+    assert e.value.code == 0 and "has already trained 1 epoch and --epochs is 1: nothing to train" in \
         capsys.readouterr().err
     assert os.path.getmtime(tmp_path / "checkpoint.pth") == before
 
