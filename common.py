@@ -1071,6 +1071,24 @@ def teacher_tower(path, state, archive, clip_act):
     return net, mean, std, name
 
 
+def target_teacher(cfg, self_ok=False):
+    """The frozen teacher of --target features from cfg.teacher, or None for pixel targets (and for --teacher self
+    where self_ok: the model's own features); --target, --teacher and --clip_act checked together."""
+    if cfg.target not in ("pixels", "features") or cfg.clip_act not in ("quickgelu", "gelu"):
+        fail(f"unknown --target {cfg.target} or --clip_act {cfg.clip_act}; choose pixels or features, "
+             "and quickgelu or gelu")
+    if cfg.target == "pixels":
+        if cfg.teacher:
+            fail(f"--teacher {cfg.teacher} is read only with --target features; add it or drop --teacher")
+        return None
+    if not cfg.teacher:
+        fail("--target features needs --teacher PATH: a CLIP, DINO/timm ViT or our checkpoint.pth (README)"
+             + (", or self (the model's own features)" if self_ok else ""))
+    if self_ok and cfg.teacher == "self":
+        return None
+    return frozen_teacher(cfg.teacher, cfg.input_size, cfg.patch_size, cfg.clip_act)
+
+
 def frozen_teacher(path, input_size, patch_size, clip_act="quickgelu"):
     """The frozen teacher in a weight file, its format told by its keys (one-line errors otherwise):
     - CLIP's image tower: OpenAI's TorchScript archive (ViT-B-16.pt), or an open_clip / plain state dict with its
@@ -1331,7 +1349,8 @@ class Logger:
     from a step this run will train again (after a resume, or a fresh start over an old log) are dropped."""
 
     def __init__(self, cfg, ctx, steps_per_epoch, start_epoch):
-        self.ctx, self.every, self.epochs, self.steps_per_epoch = ctx, cfg.log_every, cfg.epochs, steps_per_epoch
+        self.cfg, self.ctx, self.every, self.epochs = cfg, ctx, cfg.log_every, cfg.epochs
+        self.steps_per_epoch = steps_per_epoch
         self.images_per_step, self.first = cfg.batch_size, start_epoch * steps_per_epoch
         self.path = os.path.join(cfg.output_dir, "log.jsonl")
         self.sums, self.count, self.t0 = {}, 0, time.perf_counter()
@@ -1355,6 +1374,16 @@ class Logger:
     def info(self, message):
         if self.ctx.main:
             self.bar.write(message)
+
+    def run_line(self, name, model, accum, **blrs):
+        """One line on the run: trainable parameters, each lr = blr x batch / 256 (blr=, or one per model:
+        blr_cnn=, blr_vit=), processes x micro-batches, steps per epoch, device and dtype."""
+        cfg, ctx = self.cfg, self.ctx
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+        lrs = ", ".join(f"{k[1:]} {b * cfg.batch_size / 256:.3g} = {k} {b:g} x {cfg.batch_size} / 256"
+                        for k, b in blrs.items())
+        self.info(f"{name}: {params:.1f}M trainable params; {lrs}; {ctx.world} process(es) x {accum} micro-batch(es) "
+                  f"of {cfg.micro_batch}; {self.steps_per_epoch} steps/epoch; {ctx.device}, {ctx.dtype}")
 
     def warmups(self, **epochs):
         """One line naming the warm-ups (name=epochs) longer than the run: they are cut off at its end."""

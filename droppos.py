@@ -240,10 +240,7 @@ def main(cfg):
         common.compile_blocks(model)
     ddp = common.wrap_ddp(model, ctx)
     log = common.Logger(cfg, ctx, steps_per_epoch, start_epoch)
-    log.info(f"droppos: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable "
-             f"params; lr {cfg.blr * cfg.batch_size / 256:.3g} = blr {cfg.blr:g} x {cfg.batch_size} / 256; "
-             f"{ctx.world} process(es) x {batches.accum} micro-batch(es) of {cfg.micro_batch}; "
-             f"{steps_per_epoch} steps/epoch; {ctx.device}, {ctx.dtype}")
+    log.run_line("droppos", model, batches.accum, blr=cfg.blr)
     log.info(f"droppos: {model.num_visible} of {model.encoder.num_patches} patches visible, "  # method-specific
              f"{model.num_visible - model.num_keep_pos} of them without their position")
     log.warmups(lr=cfg.warmup_epochs)

@@ -358,10 +358,7 @@ def main(cfg):
         common.compile_blocks(model)
     ddp = common.wrap_ddp(model, ctx)
     log = common.Logger(cfg, ctx, steps_per_epoch, start_epoch)
-    log.info(f"finetune: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable "
-             f"params; lr {cfg.blr * cfg.batch_size / 256:.3g} = blr {cfg.blr:g} x {cfg.batch_size} / 256; "
-             f"{ctx.world} process(es) x {batches.accum} micro-batch(es) of {cfg.micro_batch}; "
-             f"{steps_per_epoch} steps/epoch; {ctx.device}, {ctx.dtype}")
+    log.run_line("finetune", model, batches.accum, blr=cfg.blr)
     log.info(f"finetune: {source}; {len(train_set.classes)} classes, {len(train_set)} training and "  # method-specific
              f"{len(val_set)} validation images; layer decay {cfg.layer_decay} (the first block at "
              f"{cfg.layer_decay ** len(model.encoder.blocks):.2g} x the lr)")

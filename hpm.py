@@ -343,20 +343,11 @@ def build(cfg):
 
 def feature_teacher(cfg):
     """The frozen teacher of --target features, or None for pixel targets; the flags checked together."""
-    if cfg.target not in ("pixels", "features") or cfg.clip_act not in ("quickgelu", "gelu"):
-        common.fail(f"unknown --target {cfg.target} or --clip_act {cfg.clip_act}; choose pixels or features, "
-                    "and quickgelu or gelu")
-    if cfg.target == "pixels":
-        if cfg.teacher:
-            common.fail(f"--teacher {cfg.teacher} is read only with --target features; add it or drop --teacher")
-        return None
-    if not cfg.teacher:
-        common.fail("--target features needs --teacher PATH: a CLIP, DINO/timm ViT or our checkpoint.pth (README)")
-    if cfg.norm_pix_loss:
+    if cfg.target == "features" and cfg.norm_pix_loss:
         common.fail("--norm_pix_loss normalises pixel targets; drop it with --target features")
-    if cfg.num_frames > 1:  # our teachers are image models; a video teacher is not part of the papers either
+    if cfg.target == "features" and cfg.num_frames > 1:  # our teachers are image models, as the papers'
         common.fail("--target features takes image teachers; clips train on pixels (VideoMAE's targets)")
-    return common.frozen_teacher(cfg.teacher, cfg.input_size, cfg.patch_size, cfg.clip_act)
+    return common.target_teacher(cfg)
 
 
 def make_optimizer(model, cfg, steps_per_epoch):
@@ -392,10 +383,7 @@ def main(cfg):
         common.compile_blocks(model)
     ddp = common.wrap_ddp(model, ctx)
     log = common.Logger(cfg, ctx, steps_per_epoch, start_epoch)
-    log.info(f"hpm: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable "
-             f"params; lr {cfg.blr * cfg.batch_size / 256:.3g} = blr {cfg.blr:g} x {cfg.batch_size} / 256; "
-             f"{ctx.world} process(es) x {batches.accum} micro-batch(es) of {cfg.micro_batch}; "
-             f"{steps_per_epoch} steps/epoch; {ctx.device}, {ctx.dtype}")
+    log.run_line("hpm", model, batches.accum, blr=cfg.blr)
     if model.feature_teacher is not None:  # method-specific
         log.info(f"hpm: targets are the tokens of {cfg.teacher}: {model.feature_teacher.name}")
     log.warmups(lr=cfg.warmup_epochs)

@@ -441,10 +441,7 @@ def main(cfg):
         common.compile_blocks(model)
     ddp = common.wrap_ddp(model, ctx)
     log = common.Logger(cfg, ctx, steps_per_epoch, start_epoch)
-    log.info(f"mokd: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable "
-             f"params; lr cnn {cfg.blr_cnn * cfg.batch_size / 256:.3g} / vit {cfg.blr_vit * cfg.batch_size / 256:.3g} "
-             f"= blr x {cfg.batch_size} / 256; {ctx.world} process(es) x {batches.accum} micro-batch(es) of "
-             f"{cfg.micro_batch}; {steps_per_epoch} steps/epoch; {ctx.device}, {ctx.dtype}")
+    log.run_line("mokd", model, batches.accum, blr_cnn=cfg.blr_cnn, blr_vit=cfg.blr_vit)
     log.warmups(lr=cfg.warmup_epochs, cnn_teacher_temperature=cfg.teacher_temp_epochs_cnn,
                 vit_teacher_temperature=cfg.teacher_temp_epochs_vit, last_layer_freeze=cfg.freeze_last_layer)
 

@@ -278,10 +278,7 @@ def main(cfg):
                 module.compile()
     ddp = common.wrap_ddp(model, ctx)
     log = common.Logger(cfg, ctx, steps_per_epoch, start_epoch)
-    log.info(f"scfs: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable "
-             f"params; lr {cfg.blr * cfg.batch_size / 256:.3g} = blr {cfg.blr:g} x {cfg.batch_size} / 256; "
-             f"{ctx.world} process(es) x {batches.accum} micro-batch(es) of {cfg.micro_batch}; "
-             f"{steps_per_epoch} steps/epoch; {ctx.device}, {ctx.dtype}")
+    log.run_line("scfs", model, batches.accum, blr=cfg.blr)
     log.info(f"scfs: {cfg.model}, 2 x {cfg.input_size} px + {cfg.local_crops} x {cfg.local_size} px crops; "
              f"feature search at stages {model.stages or 'none (plain DINO)'}")  # method-specific
     log.warmups(lr=cfg.warmup_epochs, teacher_temperature=cfg.warmup_teacher_temp_epochs,

@@ -280,24 +280,7 @@ def build(cfg):
         common.fail(f"--blur_kernel {cfg.blur_kernel}: the kernel needs an odd side; pass e.g. 9, or 0 for no blur")
     return SemAIM(encoder, query_depth=cfg.query_depth, order=cfg.order, blur_kernel=cfg.blur_kernel,
                   blur_sigma=cfg.blur_sigma, norm_pix_loss=cfg.norm_pix_loss, drop_path=cfg.drop_path,
-                  target=cfg.target, feature_teacher=feature_teacher(cfg))
-
-
-def feature_teacher(cfg):
-    """The frozen teacher of --target features (None for pixels or --teacher self); the flags checked together."""
-    if cfg.target not in ("pixels", "features") or cfg.clip_act not in ("quickgelu", "gelu"):
-        common.fail(f"unknown --target {cfg.target} or --clip_act {cfg.clip_act}; choose pixels or features, "
-                    "and quickgelu or gelu")
-    if cfg.target == "pixels":
-        if cfg.teacher:
-            common.fail(f"--teacher {cfg.teacher} is read only with --target features; add it or drop --teacher")
-        return None
-    if not cfg.teacher:
-        common.fail("--target features needs --teacher: a CLIP, DINO/timm ViT or our checkpoint.pth (README), "
-                    "or self (the model's own features)")
-    if cfg.teacher == "self":
-        return None
-    return common.frozen_teacher(cfg.teacher, cfg.input_size, cfg.patch_size, cfg.clip_act)
+                  target=cfg.target, feature_teacher=common.target_teacher(cfg, self_ok=True))
 
 
 def make_optimizer(model, cfg, steps_per_epoch):
@@ -328,10 +311,7 @@ def main(cfg):
         common.compile_blocks(model)  # encoder blocks and query blocks (QueryBlock is a Block)
     ddp = common.wrap_ddp(model, ctx)
     log = common.Logger(cfg, ctx, steps_per_epoch, start_epoch)
-    log.info(f"semaim: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable "
-             f"params; lr {cfg.blr * cfg.batch_size / 256:.3g} = blr {cfg.blr:g} x {cfg.batch_size} / 256; "
-             f"{ctx.world} process(es) x {batches.accum} micro-batch(es) of {cfg.micro_batch}; "
-             f"{steps_per_epoch} steps/epoch; {ctx.device}, {ctx.dtype}")
+    log.run_line("semaim", model, batches.accum, blr=cfg.blr)
     grid = model.encoder.grid  # method-specific
     log.info(f"semaim: {cfg.order} order over a {grid} x {grid} grid; {cfg.query_depth} query blocks, one "
              f"after every {model.step} encoder block(s); uniform centres would give centre_dist "
