@@ -490,6 +490,9 @@ class Batches:
     a fresh seeded shuffle and augmentation stream each epoch (so a resumed run sees the same images as an
     uninterrupted one); images moved to the device; a count of unreadable files that stops the run once most
     files fail. Images past the last full step of an epoch are left out (drop_last, as MAE and DINO).
+    A data set smaller than one batch (a quick check on a few images) trains one smaller step per epoch: the
+    batch shrinks to the full micro-batches the images fill, and cfg.batch_size / cfg.micro_batch are set to it
+    before the lr (blr x batch / 256), the log and the checkpoint's config read them; one line says so.
     labels=True yields (images, labels) pairs instead of images (supervised training: finetune.py)."""
 
     def __init__(self, dataset, cfg, ctx, labels=False):
@@ -499,6 +502,15 @@ class Batches:
         if cfg.batch_size % ctx.world or per_process % cfg.micro_batch:
             fail(f"--batch_size {cfg.batch_size} is not a multiple of --micro_batch {cfg.micro_batch} x {ctx.world} "
                  "process(es); change one of them (or leave --micro_batch unset: it then divides the batch)")
+        images = len(dataset) // ctx.world  # per process (DistributedSampler with drop_last)
+        if 0 < images < per_process:
+            micro = min(cfg.micro_batch, images)
+            smaller = images // micro * micro * ctx.world
+            if ctx.main:
+                print(f"{len(dataset)} images make no full batch of --batch_size {cfg.batch_size}: each epoch is one "
+                      f"step of {smaller} ({ctx.world} process(es) x {images // micro} micro-batch(es) of {micro}), "
+                      "the lr scaled to it", file=sys.stderr)
+            cfg.batch_size, cfg.micro_batch, per_process = smaller, micro, smaller // ctx.world
         self.accum = per_process // cfg.micro_batch
         self.sampler = torch.utils.data.DistributedSampler(
             dataset, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=cfg.seed, drop_last=True)
@@ -508,9 +520,7 @@ class Batches:
             pin_memory=ctx.device.type == "cuda", generator=self.generator)
         self.steps_per_epoch = len(self.loader) // self.accum
         if self.steps_per_epoch == 0:
-            fail(f"{len(dataset)} images make no full batch of --batch_size {cfg.batch_size}"
-                 f"{f' ({ctx.world} processes x {per_process})' if ctx.world > 1 else ''}; "
-                 f"pass --batch_size {len(dataset) // ctx.world * ctx.world} or less")
+            fail(f"{len(dataset)} images are fewer than the {ctx.world} processes; pass a data set with more images")
         self.seed, self.device, self.read, self.skipped = cfg.seed, ctx.device, 0, 0
         self.labels = labels
 
