@@ -491,7 +491,8 @@ class Batches:
     uninterrupted one); images moved to the device; a count of unreadable files that stops the run once most
     files fail. Images past the last full step of an epoch are left out (drop_last, as MAE and DINO).
     A data set smaller than one batch (a quick check on a few images) trains one smaller step per epoch: the
-    batch shrinks to the full micro-batches the images fill, and cfg.batch_size / cfg.micro_batch are set to it
+    batch shrinks to the images (in equal micro-batches of at most cfg.micro_batch), and cfg.batch_size /
+    cfg.micro_batch are set to it
     before the lr (blr x batch / 256), the log and the checkpoint's config read them; one line says so.
     labels=True yields (images, labels) pairs instead of images (supervised training: finetune.py)."""
 
@@ -504,11 +505,12 @@ class Batches:
                  "process(es); change one of them (or leave --micro_batch unset: it then divides the batch)")
         images = len(dataset) // ctx.world  # per process (DistributedSampler with drop_last)
         if 0 < images < per_process:
-            micro = min(cfg.micro_batch, images)
-            smaller = images // micro * micro * ctx.world
+            accum = -(-images // cfg.micro_batch)  # as few micro-batches as the cap allows, of equal size
+            micro = images // accum
+            smaller = accum * micro * ctx.world
             if ctx.main:
                 print(f"{len(dataset)} images make no full batch of --batch_size {cfg.batch_size}: each epoch is one "
-                      f"step of {smaller} ({ctx.world} process(es) x {images // micro} micro-batch(es) of {micro}), "
+                      f"step of {smaller} ({ctx.world} process(es) x {accum} micro-batch(es) of {micro}), "
                       "the lr scaled to it", file=sys.stderr)
             cfg.batch_size, cfg.micro_batch, per_process = smaller, micro, smaller // ctx.world
         self.accum = per_process // cfg.micro_batch

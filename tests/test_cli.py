@@ -55,14 +55,15 @@ def test_one_epoch_with_the_presets_own_warmup(name, image_root, tmp_path, capsy
         assert all(r.get("teacher_temp", r.get("teacher_temp_cnn")) == pytest.approx(0.04) for r in log)
 
 
-@pytest.mark.parametrize("micro,batch", [(8, 24), (16, 16)])
-def test_fewer_images_than_one_batch_train_one_smaller_step(micro, batch, image_root, tmp_path, capsys):
-    """24 images, --batch_size 32: each epoch is one step of the full micro-batches they fill (3 x 8, or 1 x 16
-    with 8 images left out), the lr linearly scaled to that batch, and the config records it."""
+@pytest.mark.parametrize("cap,micro", [(8, 8), (16, 12), (32, 24)])
+def test_fewer_images_than_one_batch_train_one_smaller_step(cap, micro, image_root, tmp_path, capsys):
+    """24 images, --batch_size 32: each epoch is one step of all 24, in as few equal micro-batches as the
+    --micro_batch cap allows (3 x 8, 2 x 12, 1 x 24), the lr linearly scaled to 24, and the config records it."""
+    batch = 24
     cfg = common.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path, "--batch_size", "32",
-                                                    "--micro_batch", str(micro), "--warmup_epochs", "0"))
+                                                    "--micro_batch", str(cap), "--warmup_epochs", "0"))
     hpm.main(cfg)
-    assert f"24 images make no full batch of --batch_size 32: each epoch is one step of {batch} (1 process(es) x " \
+    assert f"24 images make no full batch of --batch_size 32: each epoch is one step of 24 (1 process(es) x " \
         f"{batch // micro} micro-batch(es) of {micro}), the lr scaled to it" in capsys.readouterr().err
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["step"] for r in log] == [0, 1]  # 2 epochs of one step
