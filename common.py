@@ -491,9 +491,9 @@ class Batches:
     uninterrupted one); images moved to the device; a count of unreadable files that stops the run once most
     files fail. Images past the last full step of an epoch are left out (drop_last, as MAE and DINO).
     A data set smaller than one batch (a quick check on a few images) trains one smaller step per epoch: the
-    batch shrinks to the images (in equal micro-batches of at most cfg.micro_batch), and cfg.batch_size /
-    cfg.micro_batch are set to it
-    before the lr (blr x batch / 256), the log and the checkpoint's config read them; one line says so.
+    batch shrinks to the images (in equal micro-batches of at most cfg.micro_batch), and cfg.batch_size and
+    cfg.micro_batch are set to it before the lr (blr x batch / 256), the log and the checkpoint's config read
+    them; one line says so.
     labels=True yields (images, labels) pairs instead of images (supervised training: finetune.py)."""
 
     def __init__(self, dataset, cfg, ctx, labels=False):

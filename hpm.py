@@ -264,8 +264,8 @@ class HPM(nn.Module):
 
     def decoder_tokens(self, latent, ids_keep, ids_masked):
         """[cls, visible tokens, mask tokens], each with its position; visible first, then masked, in
-        mask_order's order. NOTE(official): upstream unshuffles to raster order; attention is permutation-equivariant
-        and the targets are gathered in the same order, so nothing changes but the gather.
+        mask_order's order. NOTE(official): upstream unshuffles to raster order; attention is
+        permutation-equivariant and the targets are gathered in the same order, so nothing changes but the gather.
         latent (B, 1 + K, D) -> (B, 1 + N, Dd)"""
         x = self.decoder_embed(latent)  # (B, 1 + K, Dd)
         pos = self.decoder_pos_embed[:, 1:].expand(x.shape[0], -1, -1)  # (B, N, Dd)
