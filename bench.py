@@ -22,6 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import common
+import training
 
 # The configs of the official-code baselines (tools/anchor_bench; shared/baselines.md), one line each.
 BASELINES = {
@@ -64,11 +65,11 @@ def sync(device):
 
 def bench_one(args, rest):
     module = importlib.import_module(args.method)
-    cfg = common.parse_config(module.Config, rest)
+    cfg = training.parse_config(module.Config, rest)
     cfg.output_dir = os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench_output")
     if args.threads:
         torch.set_num_threads(args.threads)
-    ctx = common.setup(cfg)
+    ctx = training.setup(cfg)
     model = module.build(cfg).to(ctx.device)
     steps_per_epoch = 1000  # any: the schedule is read at `progress` (lr of the configured --batch_size there)
     optimizer, schedule = module.make_optimizer(model, cfg, steps_per_epoch)
@@ -79,7 +80,7 @@ def bench_one(args, rest):
         module.train_step(model, optimizer, [batch], args.progress, cfg, ctx)
     flops = counter.get_total_flops()
     if cfg.compile:
-        common.compile_blocks(model)
+        training.compile_blocks(model)
     times = []
     for i in range(args.warmup + args.steps):
         sync(ctx.device)
@@ -100,7 +101,7 @@ def bench_one(args, rest):
         "micro_batch": cfg.micro_batch, "progress": args.progress, "lr": lr,
         "img_per_s": cfg.micro_batch / median, "ms_per_step": 1000 * median,
         "min_ms": 1000 * min(times[args.warmup:]), "max_ms": 1000 * max(times[args.warmup:]),
-        "peak_mem_gib": common.peak_memory_gib(ctx.device), "tflop_per_step": flops / 1e12,
+        "peak_mem_gib": training.peak_memory_gib(ctx.device), "tflop_per_step": flops / 1e12,
         "mfu": flops / median / peak if peak else None,
         "trainable_params_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
         "loss": loss, **{k: float(v) for k, v in stats.items() if k != "loss"}}), flush=True)

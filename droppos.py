@@ -5,7 +5,7 @@ grid positions. Targets are Gaussian-smoothed over the grid with a width that de
 token's loss is weighted by its similarity to [CLS] in a gradient-free pass over the full image.
 Paper: arXiv 2309.03576.  Run: torchrun --nproc_per_node=8 droppos.py --data_path /imagenet/train
 Shapes: B batch, N patches on a G x G grid, K visible, D encoder width, Dd decoder width.
-To reuse: copy this file and common.py."""
+To reuse: the model, droppos.py + common.py; the training program, + training.py."""
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -16,10 +16,16 @@ import torch.nn.functional as F
 import common
 from common import Block, gather_tokens
 
+try:  # the training program below needs training.py; the method section needs only common.py
+    import training
+    TrainConfig = training.TrainConfig
+except ModuleNotFoundError:  # this file copied with common.py alone, to reuse the model: the program cannot run
+    training, TrainConfig = None, object
+
 
 # --- config ---------------------------------------------------------------------------------------
 @dataclass
-class Config(common.TrainConfig):
+class Config(TrainConfig):
     output_dir: str = "./output_droppos"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
     model: str = "vit_base"  # encoder: vit_tiny, vit_small, vit_base, vit_large (paper: ViT-B/16, ViT-L/16)
     input_size: int = 224  # image side in pixels
@@ -213,33 +219,33 @@ def build(cfg):
 
 
 def make_optimizer(model, cfg, steps_per_epoch):
-    """MAE's AdamW and per-step lr (common.mae_optimizer); used by main and bench.py."""
-    return common.mae_optimizer(model, cfg, steps_per_epoch)
+    """MAE's AdamW and per-step lr (training.mae_optimizer); used by main and bench.py."""
+    return training.mae_optimizer(model, cfg, steps_per_epoch)
 
 
 def train_step(ddp, optimizer, micro_batches, progress, cfg, ctx):
     """One optimizer step (also timed by bench.py): the mean loss over the micro-batches, DINO-style clipping of
     each parameter's gradient on its own, AdamW. -> the step's stats."""
-    model = common.unwrap(ddp)
-    stats = common.forward_backward(ddp, micro_batches, progress, ctx)  # means over the micro-batches
+    model = training.unwrap(ddp)
+    stats = training.forward_backward(ddp, micro_batches, progress, ctx)  # means over the micro-batches
     ctx.scaler.unscale_(optimizer)
-    stats["grad_norm"] = common.clip_per_tensor(model.parameters(), cfg.clip_grad)  # method-specific
-    common.optimizer_step(optimizer, ctx)
+    stats["grad_norm"] = training.clip_per_tensor(model.parameters(), cfg.clip_grad)  # method-specific
+    training.optimizer_step(optimizer, ctx)
     return stats
 
 
 def main(cfg):
-    ctx = common.setup(cfg)
+    ctx = training.setup(cfg)
     model = build(cfg).to(ctx.device)  # method-specific
     dataset = common.image_dataset(cfg.data_path, common.mae_transform(cfg.input_size), cfg.data_root)
     batches = common.Batches(dataset, cfg, ctx)
     steps_per_epoch, total_steps = batches.steps_per_epoch, cfg.epochs * batches.steps_per_epoch
     optimizer, schedule = make_optimizer(model, cfg, steps_per_epoch)
-    start_epoch = common.resume(cfg, "droppos", model, optimizer, ctx)
+    start_epoch = training.resume(cfg, "droppos", model, optimizer, ctx)
     if cfg.compile:
-        common.compile_blocks(model)
-    ddp = common.wrap_ddp(model, ctx)
-    log = common.Logger(cfg, ctx, steps_per_epoch, start_epoch)
+        training.compile_blocks(model)
+    ddp = training.wrap_ddp(model, ctx)
+    log = training.Logger(cfg, ctx, steps_per_epoch, start_epoch)
     log.run_line("droppos", model, batches.accum, blr=cfg.blr)
     log.info(f"droppos: {model.num_visible} of {model.encoder.num_patches} patches visible, "  # method-specific
              f"{model.num_visible - model.num_keep_pos} of them without their position")
@@ -252,10 +258,12 @@ def main(cfg):
             lr = schedule(step)
             stats = train_step(ddp, optimizer, micro_batches, step / total_steps, cfg, ctx)
             log.step(step, lr, stats)
-        common.save_checkpoint(cfg, "droppos", model, optimizer, epoch + 1, ctx)
+        training.save_checkpoint(cfg, "droppos", model, optimizer, epoch + 1, ctx)
     log.close()
     return model
 
 
 if __name__ == "__main__":
-    main(common.parse_config(Config))
+    if training is None:
+        raise SystemExit("error: droppos.py's training program needs training.py beside it; copy it from the repository")
+    main(training.parse_config(Config))

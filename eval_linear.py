@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import training
 
 
 @dataclass
@@ -100,7 +101,7 @@ def main(cfg):
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if not cfg.checkpoint:
         common.fail("no --checkpoint given; pass the checkpoint.pth of a training run")
-    encoder, ckpt, arch = common.load_encoder(cfg.checkpoint, cfg.encoder)
+    encoder, ckpt, arch = training.load_encoder(cfg.checkpoint, cfg.encoder)
     encoder.to(device)
     val_dir = next((os.path.join(cfg.data_path, d) for d in ("val", "test")
                     if os.path.isdir(os.path.join(cfg.data_path, d))), None)
@@ -127,4 +128,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(common.parse_config(Config))
+    main(training.parse_config(Config))

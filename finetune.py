@@ -6,7 +6,7 @@ every epoch; the last and the best checkpoint are kept.
 Run: torchrun --nproc_per_node=8 finetune.py --checkpoint output_hpm/checkpoint.pth --data_path /imagenet
 (data_path holds train/ and val/ ImageFolders). The last line printed is JSON with top1, top5 and best_top1.
 Shapes: B batch, N patches, D width, C classes.
-To reuse: copy this file and common.py."""
+To reuse: copy this file, common.py and training.py."""
 import dataclasses
 import json
 import math
@@ -23,11 +23,12 @@ from torchvision import transforms
 from torchvision.transforms import v2
 
 import common
+import training
 
 
 # --- config ---------------------------------------------------------------------------------------
 @dataclass
-class Config(common.TrainConfig):
+class Config(training.TrainConfig):
     data_path: str = ""  # root holding train/ and val/ (or test/) ImageFolders, or the word cifar10 (train / test)
     output_dir: str = "./output_finetune"  # checkpoint.pth (last), checkpoint_best.pth, log.jsonl; rerun to resume
     checkpoint: str = ""  # checkpoint.pth of hpm, droppos, semaim or mokd (--encoder vit); empty: from scratch
@@ -227,7 +228,7 @@ def load_pretrained(cfg):
     """The ViT encoder of --checkpoint (any of our pre-training scripts; one-line errors otherwise), the config with
     that encoder's --model and --patch_size (the checkpoint decides; the saved config says what was trained), and a
     line that says where the weights come from. -> (encoder, cfg, line)"""
-    encoder, ckpt, arch = common.load_encoder(cfg.checkpoint, cfg.encoder)
+    encoder, ckpt, arch = training.load_encoder(cfg.checkpoint, cfg.encoder)
     if arch["model"] not in common.VIT_SIZES:
         common.fail(f"{cfg.checkpoint} holds a {arch['model']} encoder, and fine-tuning takes ViT encoders (hpm.py, "
                     "droppos.py, semaim.py, mokd.py --encoder vit); evaluate ResNets (MOKD's cnn, SCFS) with "
@@ -269,7 +270,7 @@ def make_optimizer(model, cfg, steps_per_epoch):
     """AdamW with layer-wise lr decay and its per-step lr (MAE's: warm-up, then cosine, util/lr_sched.py);
     schedule(step) sets every group's lr to lr * lr_scale and returns the undecayed lr (the head's)."""
     lr = cfg.blr * cfg.batch_size / 256
-    lrs = common.cosine_schedule(lr, cfg.min_lr, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch)
+    lrs = training.cosine_schedule(lr, cfg.min_lr, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch)
     groups = param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=True)  # torch's default betas, as MAE's
 
@@ -283,15 +284,15 @@ def make_optimizer(model, cfg, steps_per_epoch):
 def train_step(ddp, optimizer, micro_batches, progress, cfg, ctx):
     """One optimizer step over a Step of (images, labels) micro-batches (also timed by bench.py): the mean loss,
     clipping only if asked (MAE fine-tunes without), AdamW with layer-wise lr. -> the step's stats."""
-    model = common.unwrap(ddp)
-    stats = common.forward_backward(ddp, micro_batches, progress, ctx)  # means over the micro-batches
+    model = training.unwrap(ddp)
+    stats = training.forward_backward(ddp, micro_batches, progress, ctx)  # means over the micro-batches
     ctx.scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
     if cfg.clip_grad > 0:
         stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
     else:
         stats["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in params])
-    common.optimizer_step(optimizer, ctx)
+    training.optimizer_step(optimizer, ctx)
     return stats
 
 
@@ -316,7 +317,7 @@ def evaluate(model, dataset, cfg, ctx, desc="evaluation"):
         counts[0] += hits[:, 0].sum()
         counts[1] += hits.any(1).sum()
         counts[2] += len(labels)
-    if common.distributed():
+    if training.distributed():
         dist.all_reduce(counts)
     model.train()
     top1, top5 = (100.0 * counts[:2].double() / counts[2].clamp(min=1)).tolist()
@@ -343,7 +344,7 @@ def resume_best(cfg, ctx):
 
 
 def main(cfg):
-    ctx = common.setup(cfg)
+    ctx = training.setup(cfg)
     train_set, val_set = datasets(cfg)  # method-specific: labelled training and validation sets
     pretrained, source = None, "from scratch"
     if cfg.checkpoint:
@@ -352,12 +353,12 @@ def main(cfg):
     batches = common.Batches(train_set, cfg, ctx, labels=True)
     steps_per_epoch, total_steps = batches.steps_per_epoch, cfg.epochs * batches.steps_per_epoch
     optimizer, schedule = make_optimizer(model, cfg, steps_per_epoch)
-    start_epoch = common.resume(cfg, "finetune", model, optimizer, ctx)
+    start_epoch = training.resume(cfg, "finetune", model, optimizer, ctx)
     best_top1, best_epoch = resume_best(cfg, ctx) if start_epoch else (None, None)
     if cfg.compile:
-        common.compile_blocks(model)
-    ddp = common.wrap_ddp(model, ctx)
-    log = common.Logger(cfg, ctx, steps_per_epoch, start_epoch)
+        training.compile_blocks(model)
+    ddp = training.wrap_ddp(model, ctx)
+    log = training.Logger(cfg, ctx, steps_per_epoch, start_epoch)
     log.run_line("finetune", model, batches.accum, blr=cfg.blr)
     log.info(f"finetune: {source}; {len(train_set.classes)} classes, {len(train_set)} training and "  # method-specific
              f"{len(val_set)} validation images; layer decay {cfg.layer_decay} (the first block at "
@@ -378,7 +379,7 @@ def main(cfg):
         if best_top1 is None or result["top1"] > best_top1:
             best_top1, best_epoch = result["top1"], epoch + 1
         log.record(step=(epoch + 1) * steps_per_epoch - 1, epoch=epoch, **result, best_top1=best_top1)
-        common.save_checkpoint(cfg, "finetune", model, optimizer, epoch + 1, ctx, extra={
+        training.save_checkpoint(cfg, "finetune", model, optimizer, epoch + 1, ctx, extra={
             "top1": result["top1"], "top5": result["top5"], "best_top1": best_top1, "best_epoch": best_epoch})
         if best_epoch == epoch + 1 and ctx.main:
             keep_best(os.path.join(cfg.output_dir, "checkpoint.pth"), cfg.output_dir)
@@ -393,4 +394,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(common.parse_config(Config))
+    main(training.parse_config(Config))

@@ -7,7 +7,7 @@ Paper: arXiv 2304.05919 (TPAMI: 2312.13714).  Run: torchrun --nproc_per_node=8 h
 Shapes: B batch, N patches, K kept (visible), M masked, D encoder width, Dd decoder width, P = patch*patch*3.
 Clips: N = T' x S tubelets (T' time slices of S spatial locations); K and M count spatial locations (tubes),
 so T'K tokens are visible; P = t*patch*patch*3; C teacher width (--target features).
-To reuse: copy this file and common.py."""
+To reuse: the model, hpm.py + common.py; the training program, + training.py; feature targets, + teachers.py."""
 import copy
 from dataclasses import dataclass
 from typing import ClassVar
@@ -19,10 +19,16 @@ import torch.nn.functional as F
 import common
 from common import Block, gather_tokens, patchify
 
+try:  # the training program below needs training.py; the method section needs only common.py
+    import training
+    TrainConfig = training.TrainConfig
+except ModuleNotFoundError:  # this file copied with common.py alone, to reuse the model: the program cannot run
+    training, TrainConfig = None, object
+
 
 # --- config ---------------------------------------------------------------------------------------
 @dataclass
-class Config(common.TrainConfig):
+class Config(TrainConfig):
     output_dir: str = "./output_hpm"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
     model: str = "vit_base"  # encoder: vit_tiny, vit_small, vit_base, vit_large (paper: ViT-B/16, ViT-L/16)
     input_size: int = 224  # image side in pixels
@@ -134,6 +140,13 @@ def reconstruction_loss(recon, target, norm_pix):
     return (recon.float() - target).pow(2).mean(-1)
 
 
+# Copied from teachers.py: feature_distance
+def feature_distance(pred, target):
+    """|pred/|pred| - target/|target||^2 summed over channels (= 2 - 2 cos), in fp32: the per-token loss of both
+    papers' feature targets (HPM models_mae_learn_feature_loss.py, SemAIM models_semaim.py). (..., C) -> (...)"""
+    return (F.normalize(pred.float(), dim=-1) - F.normalize(target.float(), dim=-1)).pow(2).sum(-1)
+
+
 def tubelet_targets(clips, patch, tubelet, normalize, mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD):
     """VideoMAE's targets (engine_for_pretraining.py): the pixels back in [0, 1], cut into tubelets laid out (frame,
     row, col, channel); normalize: every tubelet per channel over its t*p*p values, (x - mean) / (std + 1e-6),
@@ -202,7 +215,7 @@ def predicted_loss(tower, features):
 class HPM(nn.Module):
     """MAE with a loss predictor and hard-patch masking. `loss, stats = model(images, progress)`.
     learning_loss=False is plain MAE (random masks, no predictor, no teacher). feature_teacher (a
-    common.FrozenTeacher): targets are its tokens of the full image instead of pixels (official
+    teachers.FrozenTeacher): targets are its tokens of the full image instead of pixels (official
     models_mae_learn_feature_loss.py); with learning_loss=False that is plain feature distillation."""
 
     def __init__(self, encoder, decoder_dim=512, decoder_depth=8, decoder_heads=16, mask_ratio=0.75,
@@ -312,7 +325,7 @@ class HPM(nn.Module):
             target = gather_tokens(self.pixel_targets(imgs), ids_masked)  # (B, M, P)
             return reconstruction_loss(recon, target, self.norm_pix_loss and imgs.ndim == 4)  # clips: normalised
         target = gather_tokens(self.feature_teacher(imgs)[:, 1:], ids_masked)  # (B, M, C), no gradient
-        return common.feature_distance(recon, target)
+        return feature_distance(recon, target)
 
     @torch.no_grad()
     def update_teacher(self, momentum):
@@ -347,28 +360,35 @@ def feature_teacher(cfg):
         common.fail("--norm_pix_loss normalises pixel targets; drop it with --target features")
     if cfg.target == "features" and cfg.num_frames > 1:  # our teachers are image models, as the papers'
         common.fail("--target features takes image teachers; clips train on pixels (VideoMAE's targets)")
-    return common.target_teacher(cfg)
+    if cfg.target == "pixels" and not cfg.teacher:
+        return None
+    try:  # feature targets only: the paper's pixel runs need no teachers.py
+        import teachers
+    except ModuleNotFoundError:
+        common.fail(f"--target {cfg.target} --teacher {cfg.teacher} needs teachers.py beside this file; copy it from "
+                    "the repository")
+    return teachers.target_teacher(cfg)
 
 
 def make_optimizer(model, cfg, steps_per_epoch):
-    """MAE's AdamW and per-step lr (common.mae_optimizer); used by main and bench.py."""
-    return common.mae_optimizer(model, cfg, steps_per_epoch)
+    """MAE's AdamW and per-step lr (training.mae_optimizer); used by main and bench.py."""
+    return training.mae_optimizer(model, cfg, steps_per_epoch)
 
 
 def train_step(ddp, optimizer, micro_batches, progress, cfg, ctx):
     """One optimizer step (also timed by bench.py): the mean loss over the micro-batches, the global grad-norm
     clip (5, as upstream's loss scaler), AdamW, then the EMA teacher. -> the step's stats."""
-    model = common.unwrap(ddp)
-    stats = common.forward_backward(ddp, micro_batches, progress, ctx)  # means over the micro-batches
+    model = training.unwrap(ddp)
+    stats = training.forward_backward(ddp, micro_batches, progress, ctx)  # means over the micro-batches
     ctx.scaler.unscale_(optimizer)
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float("inf"))
-    common.optimizer_step(optimizer, ctx)
+    training.optimizer_step(optimizer, ctx)
     model.update_teacher(ema_momentum(common.epoch_at(progress, cfg.epochs)))  # method-specific
     return stats
 
 
 def main(cfg):
-    ctx = common.setup(cfg)
+    ctx = training.setup(cfg)
     model = build(cfg).to(ctx.device)  # method-specific
     if cfg.num_frames > 1:  # method-specific: clips (the TPAMI video setting)
         dataset = common.clip_dataset(cfg.data_path, common.videomae_transform(cfg.input_size), cfg.num_frames,
@@ -378,11 +398,11 @@ def main(cfg):
     batches = common.Batches(dataset, cfg, ctx)
     steps_per_epoch, total_steps = batches.steps_per_epoch, cfg.epochs * batches.steps_per_epoch
     optimizer, schedule = make_optimizer(model, cfg, steps_per_epoch)
-    start_epoch = common.resume(cfg, "hpm", model, optimizer, ctx)
+    start_epoch = training.resume(cfg, "hpm", model, optimizer, ctx)
     if cfg.compile:
-        common.compile_blocks(model)
-    ddp = common.wrap_ddp(model, ctx)
-    log = common.Logger(cfg, ctx, steps_per_epoch, start_epoch)
+        training.compile_blocks(model)
+    ddp = training.wrap_ddp(model, ctx)
+    log = training.Logger(cfg, ctx, steps_per_epoch, start_epoch)
     log.run_line("hpm", model, batches.accum, blr=cfg.blr)
     if model.feature_teacher is not None:  # method-specific
         log.info(f"hpm: targets are the tokens of {cfg.teacher}: {model.feature_teacher.name}")
@@ -395,10 +415,12 @@ def main(cfg):
             lr = schedule(step)
             stats = train_step(ddp, optimizer, micro_batches, step / total_steps, cfg, ctx)
             log.step(step, lr, stats)
-        common.save_checkpoint(cfg, "hpm", model, optimizer, epoch + 1, ctx)
+        training.save_checkpoint(cfg, "hpm", model, optimizer, epoch + 1, ctx)
     log.close()
     return model
 
 
 if __name__ == "__main__":
-    main(common.parse_config(Config))
+    if training is None:
+        raise SystemExit("error: hpm.py's training program needs training.py beside it; copy it from the repository")
+    main(training.parse_config(Config))

@@ -6,23 +6,33 @@ feature search in which the other student's local-crop embedding joins this teac
 Paper: arXiv 2304.06461.  Run: torchrun --nproc_per_node=8 mokd.py --data_path /imagenet/train
 Shapes: B images, n local crops, V = 2 + n crops, K out_dim, D ViT width (= T-Head width of both), C CNN
 channels, T spatial tokens of a crop (h*w for the CNN, N patches for the ViT).
-To reuse: copy this file and common.py."""
+To reuse: the model, mokd.py + common.py; the training program, + training.py."""
 import copy
 import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import ImageFilter
+from torchvision import transforms
 
 import common
 from common import Block
 
+try:  # the training program below needs training.py; the method section needs only common.py
+    import training
+    TrainConfig = training.TrainConfig
+except ModuleNotFoundError:  # this file copied with common.py alone, to reuse the model: the program cannot run
+    training, TrainConfig = None, object
+
 
 # --- config ---------------------------------------------------------------------------------------
 @dataclass
-class Config(common.TrainConfig):
+class Config(TrainConfig):
     output_dir: str = "./output_mokd"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
     model: str = "vit_small"  # the ViT of the pair: vit_tiny, vit_small, vit_base (README: ViT-S/16)
     cnn_model: str = "resnet50"  # the CNN of the pair, a torchvision ResNet name (README: ResNet-50)
@@ -91,6 +101,124 @@ class Config(common.TrainConfig):
 
 
 # --- method ---------------------------------------------------------------------------------------
+# DINO's pieces (Caron et al., ICCV 2021; dino main_dino.py, utils.py, vision_transformer.py): multi-crop,
+# the projection head, the centred and sharpened cross-entropy, the teacher's temperature and momentum.
+# Copied from scfs.py: RandomBlur
+class RandomBlur:
+    """PIL Gaussian blur with probability p and a radius drawn from U(radius): DINO's GaussianBlur (utils.py),
+    U(0.1, 2) at every crop size, global and local alike."""
+    def __init__(self, p, radius=(0.1, 2.0)):
+        self.p, self.radius = p, radius
+
+    def __call__(self, img):
+        if float(torch.rand(())) >= self.p:
+            return img
+        low, high = self.radius
+        return img.filter(ImageFilter.GaussianBlur(low + (high - low) * float(torch.rand(()))))
+
+
+# Copied from scfs.py: MultiCrop
+class MultiCrop:
+    """DINO's multi-crop: PIL image -> [global 1 (blur p 1), global 2 (blur .1, solarize .2), locals (blur .5)].
+    blur_radius: the range of the blur radius in pixels (DINO: 0.1-2 for 224 and 96 px crops alike)."""
+    def __init__(self, global_size=224, local_size=96, local_crops=8, global_scale=(0.4, 1.0),
+                 local_scale=(0.05, 0.4), blur_radius=(0.1, 2.0)):
+        bicubic = transforms.InterpolationMode.BICUBIC
+        colour = [transforms.RandomHorizontalFlip(0.5),
+                  transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                  transforms.RandomGrayscale(0.2)]
+        norm = [transforms.ToTensor(), transforms.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
+        g_crop = transforms.RandomResizedCrop(global_size, scale=global_scale, interpolation=bicubic)
+        l_crop = transforms.RandomResizedCrop(local_size, scale=local_scale, interpolation=bicubic)
+        self.global1 = transforms.Compose([g_crop, *colour, RandomBlur(1.0, blur_radius), *norm])
+        self.global2 = transforms.Compose([g_crop, *colour, RandomBlur(0.1, blur_radius),
+                                           transforms.RandomSolarize(128, p=0.2), *norm])
+        self.local = transforms.Compose([l_crop, *colour, RandomBlur(0.5, blur_radius), *norm])
+        self.local_crops = local_crops
+
+    def __call__(self, img):
+        return [self.global1(img), self.global2(img)] + [self.local(img) for _ in range(self.local_crops)]
+
+
+# Copied from scfs.py: DINOHead
+class DINOHead(nn.Module):
+    """DINO's head: MLP, L2-normalise, weight-normed last layer (g = 1, frozen iff norm_last_layer)."""
+    def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256, nlayers=3, norm_last_layer=True):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
+        layers = []
+        for i in range(nlayers):
+            layers += [nn.Linear(dims[i], dims[i + 1])] + ([nn.GELU()] if i < nlayers - 1 else [])
+        self.mlp = nn.Sequential(*layers)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = weight_normed_linear(bottleneck_dim, out_dim, trainable_g=not norm_last_layer)
+
+    def forward(self, x):
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+# Copied from scfs.py: weight_normed_linear
+def weight_normed_linear(in_dim, out_dim, trainable_g=True):
+    """Linear(in_dim, out_dim, bias=False), weight = g v / |v| per row, g = 1. parametrizations.weight_norm:
+    g, v = last_layer.parametrizations.weight.original0/1 (deepcopy works; the old weight_norm's does not)."""
+    layer = torch.nn.utils.parametrizations.weight_norm(nn.Linear(in_dim, out_dim, bias=False))
+    g = layer.parametrizations.weight.original0
+    g.data.fill_(1.0)
+    g.requires_grad_(trainable_g)
+    return layer
+
+
+# Copied from scfs.py: dino_loss
+def dino_loss(student_out, teacher_out, center, student_temp, teacher_temp):
+    """DINO's cross-entropy: mean over the pairs (teacher chunk i, student chunk v), v != i, of
+    mean_b(-sum_k q log p); q = softmax((t - center) / teacher_temp) (no gradient), p = softmax(s / student_temp).
+    student_out (V*B, K), teacher_out (2*B, K), both crop-major; center (1, K) or None. float32 scalar.
+    NOTE(official): DINO loops over the 2V - 2 pairs; here they are summed at once as
+    sum_i q_i . (sum_v log p_v) - sum_i q_i . log p_i (same value and gradient, fewer passes over (B, K))."""
+    B = teacher_out.shape[0] // 2
+    V = student_out.shape[0] // B
+    t = teacher_out.detach().float()
+    q = F.softmax((t - center if center is not None else t) / teacher_temp, dim=-1)  # (2B, K)
+    logp = F.log_softmax(student_out.float() / student_temp, dim=-1)  # (VB, K)
+    all_views = logp.view(V, B, -1).sum(0)  # (B, K)
+    cross = (q.view(2, B, -1).sum(0) * all_views).sum() - (q * logp[:2 * B]).sum()
+    return -cross / (B * (2 * V - 2))
+
+
+# Copied from scfs.py: DINOCenter
+class DINOCenter(nn.Module):
+    """The running centre (buffer (1, K)) of a teacher's outputs, subtracted before its softmax."""
+    def __init__(self, dim):
+        super().__init__()
+        self.register_buffer("center", torch.zeros(1, dim))
+
+    @torch.no_grad()
+    def update(self, teacher_out, momentum=0.9):
+        """c <- m c + (1 - m) mean of the rows of teacher_out (all processes' rows when distributed)."""
+        batch_mean = teacher_out.float().mean(0, keepdim=True)  # (1, K)
+        if dist.is_available() and dist.is_initialized():  # every process's rows (DINO's update_center)
+            dist.all_reduce(batch_mean)
+            batch_mean /= dist.get_world_size()
+        self.center.mul_(momentum).add_(batch_mean, alpha=1 - momentum)
+
+
+# Copied from scfs.py: teacher_temperature
+def teacher_temperature(epoch, warmup_temp, temp, warmup_epochs):
+    """DINO's per-epoch teacher temperature: linspace(warmup_temp, temp, W)[epoch] for epoch < W, then temp."""
+    if epoch < warmup_epochs:
+        return float(np.linspace(warmup_temp, temp, warmup_epochs)[epoch])
+    return float(temp)
+
+
+# Copied from scfs.py: teacher_momentum
+def teacher_momentum(progress, base=0.996):
+    """DINO's EMA momentum at a point of training (progress in [0, 1]): 1 - (1 - m0)(1 + cos(pi progress)) / 2."""
+    return 1 - (1 - base) * (1 + math.cos(math.pi * progress)) / 2
+
+
 def search_loss(student_out, target, student_temp, teacher_temp):
     """Cross-search loss (upstream CTSearchLoss): mean over rows of -sum_k softmax(t / tau_t) log softmax(s / tau_s),
     rows paired one to one, no centring, no view skipping. student_out, target: (n*B, K)."""
@@ -122,7 +250,7 @@ class THead(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         init_trunc_normal(self)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.last_layer = common.weight_normed_linear(dim, out_dim, trainable_g=True)  # v: default init
+        self.last_layer = weight_normed_linear(dim, out_dim, trainable_g=True)  # v: default init
 
     def tokens(self, x):
         """CNN map (B, C, h, w) or ViT patch tokens (B, T, D) -> tokens with positions (B, T, D), and for the
@@ -184,10 +312,10 @@ class MOKD(nn.Module):
                  epochs=100):
         super().__init__()
         dim, channels = vit.embed_dim, cnn.inplanes  # T-Heads have the ViT's width on both sides (as upstream)
-        self.cnn = Net(cnn, common.DINOHead(channels, out_dim, hidden_dim, bottleneck_dim, 3, norm_last_layer_cnn),
+        self.cnn = Net(cnn, DINOHead(channels, out_dim, hidden_dim, bottleneck_dim, 3, norm_last_layer_cnn),
                        THead(dim, out_dim, cnn_grid, channels, thead_depth, thead_heads) if thead else None)
         # NOTE(official): the ViT T-Head grid is hard-coded 14 there (main_mokd.py); here the ViT's grid (14 at 224/16).
-        self.vit = Net(vit, common.DINOHead(dim, out_dim, hidden_dim, bottleneck_dim, 3, norm_last_layer_vit),
+        self.vit = Net(vit, DINOHead(dim, out_dim, hidden_dim, bottleneck_dim, 3, norm_last_layer_vit),
                        THead(dim, out_dim, vit.grid, 0, thead_depth, thead_heads) if thead else None)
         # Teachers start as copies of the students; the ViT teacher has no stochastic depth (as upstream main_mokd.py).
         # NOTE(official): the teacher heads there are built with norm_last_layer=True; frozen anyway, same values.
@@ -199,9 +327,9 @@ class MOKD(nn.Module):
         # Centres, one per centred loss. NOTE(official): L_cm_cnn's centre sees the same teacher rows with the
         # same momentum as L_sm_vit's (and L_cm_vit's as L_sm_cnn's), so they are always equal:
         # the cross terms use those two, which saves two buffers and two all-reduces.
-        self.center_cnn_mlp, self.center_vit_mlp = common.DINOCenter(out_dim), common.DINOCenter(out_dim)
-        self.center_cnn_thead = common.DINOCenter(out_dim) if thead else None
-        self.center_vit_thead = common.DINOCenter(out_dim) if thead else None
+        self.center_cnn_mlp, self.center_vit_mlp = DINOCenter(out_dim), DINOCenter(out_dim)
+        self.center_cnn_thead = DINOCenter(out_dim) if thead else None
+        self.center_vit_thead = DINOCenter(out_dim) if thead else None
         self.cross, self.lambda_cnn, self.lambda_vit = cross, lambda_cnn, lambda_vit
         self.temps = (warmup_teacher_temp, teacher_temp, teacher_temp_epochs_cnn, teacher_temp_epochs_vit)
         self.student_temp, self.center_momentum, self.epochs = student_temp, center_momentum, epochs
@@ -210,8 +338,8 @@ class MOKD(nn.Module):
         """Per-epoch teacher temperatures (tau_cnn for the CNN's self terms, tau_vit for the others; as upstream)."""
         epoch = common.epoch_at(progress, self.epochs)
         warm, temp, w_cnn, w_vit = self.temps
-        return (common.teacher_temperature(epoch, warm, temp, w_cnn),
-                common.teacher_temperature(epoch, warm, temp, w_vit))
+        return (teacher_temperature(epoch, warm, temp, w_cnn),
+                teacher_temperature(epoch, warm, temp, w_vit))
 
     @staticmethod
     def student(net, globals_, locals_):
@@ -262,16 +390,16 @@ class MOKD(nn.Module):
             self.teacher_vit, globals_, cnn_query if search else None, n)
 
         c_cnn, c_vit = self.center_cnn_mlp.center, self.center_vit_mlp.center
-        losses = {"loss_sm_cnn": common.dino_loss(cnn_mlp, target_cnn_mlp, c_cnn, ts, tau_cnn),
-                  "loss_sm_vit": common.dino_loss(vit_mlp, target_vit_mlp, c_vit, ts, tau_vit)}
+        losses = {"loss_sm_cnn": dino_loss(cnn_mlp, target_cnn_mlp, c_cnn, ts, tau_cnn),
+                  "loss_sm_vit": dino_loss(vit_mlp, target_vit_mlp, c_vit, ts, tau_vit)}
         if cnn_thead is not None:
-            losses["loss_st_cnn"] = common.dino_loss(cnn_thead, target_cnn_thead, self.center_cnn_thead.center, ts,
-                                                     tau_cnn)
-            losses["loss_st_vit"] = common.dino_loss(vit_thead, target_vit_thead, self.center_vit_thead.center, ts,
-                                                     tau_vit)
+            losses["loss_st_cnn"] = dino_loss(cnn_thead, target_cnn_thead, self.center_cnn_thead.center, ts,
+                                              tau_cnn)
+            losses["loss_st_vit"] = dino_loss(vit_thead, target_vit_thead, self.center_vit_thead.center, ts,
+                                              tau_vit)
         if self.cross:  # the other model's teacher, with its own centre, at the ViT warmup (as upstream main_mokd.py)
-            losses["loss_cm_cnn"] = common.dino_loss(cnn_mlp, target_vit_mlp, c_vit, ts, tau_vit)
-            losses["loss_cm_vit"] = common.dino_loss(vit_mlp, target_cnn_mlp, c_cnn, ts, tau_vit)
+            losses["loss_cm_cnn"] = dino_loss(cnn_mlp, target_vit_mlp, c_vit, ts, tau_vit)
+            losses["loss_cm_vit"] = dino_loss(vit_mlp, target_cnn_mlp, c_cnn, ts, tau_vit)
         if search:
             losses["loss_ct_cnn"] = search_loss(cnn_thead_local, target_vit_search, ts, tau_vit)
             losses["loss_ct_vit"] = search_loss(vit_thead_local, target_cnn_search, ts, tau_vit)
@@ -305,6 +433,27 @@ class MOKD(nn.Module):
 
 
 # --- training -------------------------------------------------------------------------------------
+# Copied from scfs.py: average_bn_stats
+@torch.no_grad()
+def average_bn_stats(model):
+    """Average BatchNorm running statistics over processes before a checkpoint (no-op in one process). On CUDA
+    DINO-style methods use SyncBatchNorm (equal already); gloo on CPU has none, so each rank has its own."""
+    if training.distributed():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(training.all_reduce_mean(m.running_mean))
+                m.running_var.copy_(training.all_reduce_mean(m.running_var))
+
+
+# Copied from scfs.py: cancel_last_layer
+def cancel_last_layer(model, epoch, freeze_epochs):
+    """DINO's freeze_last_layer: no gradient (so no step, no decay) for *last_layer* parameters while epoch < freeze."""
+    if epoch < freeze_epochs:
+        for name, p in model.named_parameters():
+            if "last_layer" in name:
+                p.grad = None
+
+
 def build(cfg):
     """The model of a config (used by main, bench.py and the tests)."""
     vit = common.vit(cfg.model, cfg.input_size, cfg.patch_size, cfg.drop_path)
@@ -367,12 +516,12 @@ def make_optimizer(model, cfg, steps_per_epoch):
     sgd = torch.optim.SGD([{"params": [p for p in rest if p.ndim >= 2], "weight_decay": cfg.weight_decay_cnn},
                            {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0},
                            {"params": thead, "weight_decay": cfg.weight_decay_vit}], lr=0.0, momentum=0.9)
-    adamw = common.adamw(model.vit, 0.0, cfg.weight_decay_vit, betas=(0.9, 0.999))
+    adamw = training.adamw(model.vit, 0.0, cfg.weight_decay_vit, betas=(0.9, 0.999))
     optimizer = Optimizers(sgd, adamw)
     total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-    lrs_cnn = common.cosine_schedule(cfg.blr_cnn * cfg.batch_size / 256, cfg.min_lr_cnn, total, warmup, dino_warmup=True)
-    lrs_vit = common.cosine_schedule(cfg.blr_vit * cfg.batch_size / 256, cfg.min_lr_vit, total, warmup, dino_warmup=True)
-    wds_vit = common.cosine_schedule(cfg.weight_decay_vit, cfg.weight_decay_vit_end, total)
+    lrs_cnn = training.cosine_schedule(cfg.blr_cnn * cfg.batch_size / 256, cfg.min_lr_cnn, total, warmup, dino_warmup=True)
+    lrs_vit = training.cosine_schedule(cfg.blr_vit * cfg.batch_size / 256, cfg.min_lr_vit, total, warmup, dino_warmup=True)
+    wds_vit = training.cosine_schedule(cfg.weight_decay_vit, cfg.weight_decay_vit_end, total)
 
     def schedule(step):
         set_schedules(optimizer, lrs_cnn[step], lrs_vit[step], wds_vit[step])
@@ -401,46 +550,46 @@ def train_step(ddp, optimizer, micro_batches, progress, cfg, ctx):
     """One optimizer step of both models over a Step of micro-batches (also timed by bench.py). -> the step's stats.
     NOTE(official): one backward of L_cnn + L_vit (one scaler) instead of two: no cross term carries a gradient
     to the other model (see MOKD.losses), so the gradients are the same."""
-    model = common.unwrap(ddp)
-    stats = common.forward_backward(ddp, micro_batches, progress, ctx)  # means over the micro-batches
+    model = training.unwrap(ddp)
+    stats = training.forward_backward(ddp, micro_batches, progress, ctx)  # means over the micro-batches
     for opt in optimizer.optimizers:  # method-specific from here on
         ctx.scaler.unscale_(opt)
-    norm_cnn = common.clip_per_tensor(model.cnn.parameters(), cfg.clip_grad_cnn)
-    norm_vit = common.clip_per_tensor(model.vit.parameters(), cfg.clip_grad_vit)
+    norm_cnn = training.clip_per_tensor(model.cnn.parameters(), cfg.clip_grad_cnn)
+    norm_vit = training.clip_per_tensor(model.vit.parameters(), cfg.clip_grad_vit)
     stats.update(grad_norm_cnn=norm_cnn, grad_norm_vit=norm_vit, grad_norm=torch.hypot(norm_cnn, norm_vit))
-    common.cancel_last_layer(model, common.epoch_at(progress, cfg.epochs), cfg.freeze_last_layer)  # both head kinds
+    cancel_last_layer(model, common.epoch_at(progress, cfg.epochs), cfg.freeze_last_layer)  # both head kinds
     for opt in optimizer.optimizers:
         ctx.scaler.step(opt)
     ctx.scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    model.update_teacher(common.teacher_momentum(progress, cfg.momentum_teacher))
+    model.update_teacher(teacher_momentum(progress, cfg.momentum_teacher))
     return stats
 
 
 def encoders(model, cfg):
     """The teachers' backbones (what upstream evaluates, README) under torchvision / timm names."""
     return {"cnn": (model.teacher_cnn.backbone, {"model": cfg.cnn_model, "input_size": cfg.input_size,
-                                                  "cifar_stem": cfg.cifar_stem}),
+                                                 "cifar_stem": cfg.cifar_stem}),
             "vit": (model.teacher_vit.backbone, {"model": cfg.model, "input_size": cfg.input_size,
-                                                  "patch_size": cfg.patch_size})}
+                                                 "patch_size": cfg.patch_size})}
 
 
 def main(cfg):
-    ctx = common.setup(cfg)
+    ctx = training.setup(cfg)
     model = build(cfg).to(ctx.device)  # method-specific
     if ctx.world > 1 and ctx.device.type == "cuda":  # upstream's SyncBN (gloo on CPU has none)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    crops = common.MultiCrop(cfg.input_size, cfg.local_size, cfg.local_crops, (cfg.global_scale_min, 1.0),
-                             (cfg.local_scale_min, cfg.global_scale_min), (cfg.blur_radius_min, cfg.blur_radius_max))
+    crops = MultiCrop(cfg.input_size, cfg.local_size, cfg.local_crops, (cfg.global_scale_min, 1.0),
+                      (cfg.local_scale_min, cfg.global_scale_min), (cfg.blur_radius_min, cfg.blur_radius_max))
     dataset = common.image_dataset(cfg.data_path, crops, cfg.data_root)
     batches = common.Batches(dataset, cfg, ctx)
     steps_per_epoch, total_steps = batches.steps_per_epoch, cfg.epochs * batches.steps_per_epoch
     optimizer, schedule = make_optimizer(model, cfg, steps_per_epoch)
-    start_epoch = common.resume(cfg, "mokd", model, optimizer, ctx)
+    start_epoch = training.resume(cfg, "mokd", model, optimizer, ctx)
     if cfg.compile:
-        common.compile_blocks(model)
-    ddp = common.wrap_ddp(model, ctx)
-    log = common.Logger(cfg, ctx, steps_per_epoch, start_epoch)
+        training.compile_blocks(model)
+    ddp = training.wrap_ddp(model, ctx)
+    log = training.Logger(cfg, ctx, steps_per_epoch, start_epoch)
     log.run_line("mokd", model, batches.accum, blr_cnn=cfg.blr_cnn, blr_vit=cfg.blr_vit)
     log.warmups(lr=cfg.warmup_epochs, cnn_teacher_temperature=cfg.teacher_temp_epochs_cnn,
                 vit_teacher_temperature=cfg.teacher_temp_epochs_vit, last_layer_freeze=cfg.freeze_last_layer)
@@ -453,11 +602,13 @@ def main(cfg):
             stats = train_step(ddp, optimizer, micro_batches, step / total_steps, cfg, ctx)
             log.step(step, lr, stats)
         # NOTE(official): SyncBN everywhere there; gloo (CPU) has none, so CPU ranks keep their own BN statistics
-        common.average_bn_stats(model)
-        common.save_checkpoint(cfg, "mokd", model, optimizer, epoch + 1, ctx, encoders=encoders(model, cfg))
+        average_bn_stats(model)
+        training.save_checkpoint(cfg, "mokd", model, optimizer, epoch + 1, ctx, encoders=encoders(model, cfg))
     log.close()
     return model
 
 
 if __name__ == "__main__":
-    main(common.parse_config(Config))
+    if training is None:
+        raise SystemExit("error: mokd.py's training program needs training.py beside it; copy it from the repository")
+    main(training.parse_config(Config))

@@ -7,21 +7,32 @@ the regions of the other view that show the same thing).
 Paper: arXiv 2212.06486.  Run: torchrun --nproc_per_node=8 scfs.py --data_path /imagenet/train
 Shapes: B batch per crop, L local crops, V = 2 + L crops, C_k channels of stage k, H x W a stage map,
 K out_dim of the DINO head, D out_dim of the stage heads.
-To reuse: copy this file and common.py."""
+To reuse: the model, scfs.py + common.py; the training program, + training.py."""
 import copy
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import ImageFilter
+from torchvision import transforms
 
 import common
+
+try:  # the training program below needs training.py; the method section needs only common.py
+    import training
+    TrainConfig = training.TrainConfig
+except ModuleNotFoundError:  # this file copied with common.py alone, to reuse the model: the program cannot run
+    training, TrainConfig = None, object
 
 
 # --- config ---------------------------------------------------------------------------------------
 @dataclass
-class Config(common.TrainConfig):
+class Config(TrainConfig):
     output_dir: str = "./output_scfs"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
     model: str = "resnet50"  # torchvision ResNet, student and teacher (README: resnet50; any depth works here)
     cifar_stem: bool = False  # 3x3 stride-1 first conv and no max-pool, for 32 px images
@@ -78,6 +89,116 @@ class Config(common.TrainConfig):
 
 
 # --- method ---------------------------------------------------------------------------------------
+# DINO's pieces (Caron et al., ICCV 2021; dino main_dino.py, utils.py, vision_transformer.py): multi-crop,
+# the projection head, the centred and sharpened cross-entropy, the teacher's temperature and momentum.
+class RandomBlur:
+    """PIL Gaussian blur with probability p and a radius drawn from U(radius): DINO's GaussianBlur (utils.py),
+    U(0.1, 2) at every crop size, global and local alike."""
+    def __init__(self, p, radius=(0.1, 2.0)):
+        self.p, self.radius = p, radius
+
+    def __call__(self, img):
+        if float(torch.rand(())) >= self.p:
+            return img
+        low, high = self.radius
+        return img.filter(ImageFilter.GaussianBlur(low + (high - low) * float(torch.rand(()))))
+
+
+class MultiCrop:
+    """DINO's multi-crop: PIL image -> [global 1 (blur p 1), global 2 (blur .1, solarize .2), locals (blur .5)].
+    blur_radius: the range of the blur radius in pixels (DINO: 0.1-2 for 224 and 96 px crops alike)."""
+    def __init__(self, global_size=224, local_size=96, local_crops=8, global_scale=(0.4, 1.0),
+                 local_scale=(0.05, 0.4), blur_radius=(0.1, 2.0)):
+        bicubic = transforms.InterpolationMode.BICUBIC
+        colour = [transforms.RandomHorizontalFlip(0.5),
+                  transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                  transforms.RandomGrayscale(0.2)]
+        norm = [transforms.ToTensor(), transforms.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
+        g_crop = transforms.RandomResizedCrop(global_size, scale=global_scale, interpolation=bicubic)
+        l_crop = transforms.RandomResizedCrop(local_size, scale=local_scale, interpolation=bicubic)
+        self.global1 = transforms.Compose([g_crop, *colour, RandomBlur(1.0, blur_radius), *norm])
+        self.global2 = transforms.Compose([g_crop, *colour, RandomBlur(0.1, blur_radius),
+                                           transforms.RandomSolarize(128, p=0.2), *norm])
+        self.local = transforms.Compose([l_crop, *colour, RandomBlur(0.5, blur_radius), *norm])
+        self.local_crops = local_crops
+
+    def __call__(self, img):
+        return [self.global1(img), self.global2(img)] + [self.local(img) for _ in range(self.local_crops)]
+
+
+class DINOHead(nn.Module):
+    """DINO's head: MLP, L2-normalise, weight-normed last layer (g = 1, frozen iff norm_last_layer)."""
+    def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256, nlayers=3, norm_last_layer=True):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
+        layers = []
+        for i in range(nlayers):
+            layers += [nn.Linear(dims[i], dims[i + 1])] + ([nn.GELU()] if i < nlayers - 1 else [])
+        self.mlp = nn.Sequential(*layers)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = weight_normed_linear(bottleneck_dim, out_dim, trainable_g=not norm_last_layer)
+
+    def forward(self, x):
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+def weight_normed_linear(in_dim, out_dim, trainable_g=True):
+    """Linear(in_dim, out_dim, bias=False), weight = g v / |v| per row, g = 1. parametrizations.weight_norm:
+    g, v = last_layer.parametrizations.weight.original0/1 (deepcopy works; the old weight_norm's does not)."""
+    layer = torch.nn.utils.parametrizations.weight_norm(nn.Linear(in_dim, out_dim, bias=False))
+    g = layer.parametrizations.weight.original0
+    g.data.fill_(1.0)
+    g.requires_grad_(trainable_g)
+    return layer
+
+
+def dino_loss(student_out, teacher_out, center, student_temp, teacher_temp):
+    """DINO's cross-entropy: mean over the pairs (teacher chunk i, student chunk v), v != i, of
+    mean_b(-sum_k q log p); q = softmax((t - center) / teacher_temp) (no gradient), p = softmax(s / student_temp).
+    student_out (V*B, K), teacher_out (2*B, K), both crop-major; center (1, K) or None. float32 scalar.
+    NOTE(official): DINO loops over the 2V - 2 pairs; here they are summed at once as
+    sum_i q_i . (sum_v log p_v) - sum_i q_i . log p_i (same value and gradient, fewer passes over (B, K))."""
+    B = teacher_out.shape[0] // 2
+    V = student_out.shape[0] // B
+    t = teacher_out.detach().float()
+    q = F.softmax((t - center if center is not None else t) / teacher_temp, dim=-1)  # (2B, K)
+    logp = F.log_softmax(student_out.float() / student_temp, dim=-1)  # (VB, K)
+    all_views = logp.view(V, B, -1).sum(0)  # (B, K)
+    cross = (q.view(2, B, -1).sum(0) * all_views).sum() - (q * logp[:2 * B]).sum()
+    return -cross / (B * (2 * V - 2))
+
+
+class DINOCenter(nn.Module):
+    """The running centre (buffer (1, K)) of a teacher's outputs, subtracted before its softmax."""
+    def __init__(self, dim):
+        super().__init__()
+        self.register_buffer("center", torch.zeros(1, dim))
+
+    @torch.no_grad()
+    def update(self, teacher_out, momentum=0.9):
+        """c <- m c + (1 - m) mean of the rows of teacher_out (all processes' rows when distributed)."""
+        batch_mean = teacher_out.float().mean(0, keepdim=True)  # (1, K)
+        if dist.is_available() and dist.is_initialized():  # every process's rows (DINO's update_center)
+            dist.all_reduce(batch_mean)
+            batch_mean /= dist.get_world_size()
+        self.center.mul_(momentum).add_(batch_mean, alpha=1 - momentum)
+
+
+def teacher_temperature(epoch, warmup_temp, temp, warmup_epochs):
+    """DINO's per-epoch teacher temperature: linspace(warmup_temp, temp, W)[epoch] for epoch < W, then temp."""
+    if epoch < warmup_epochs:
+        return float(np.linspace(warmup_temp, temp, warmup_epochs)[epoch])
+    return float(temp)
+
+
+def teacher_momentum(progress, base=0.996):
+    """DINO's EMA momentum at a point of training (progress in [0, 1]): 1 - (1 - m0)(1 + cos(pi progress)) / 2."""
+    return 1 - (1 - base) * (1 + math.cos(math.pi * progress)) / 2
+
+
 def stage_channels(net, stage):
     """C_k of a torchvision ResNet's layer{stage} output (BasicBlock: 64 * 2^(k-1); Bottleneck: 4x that).
     NOTE(official): the official heads hard-code ResNet-50 widths 512/1024/2048 (models/scfs.py)."""
@@ -150,8 +271,8 @@ class SCFS(nn.Module):
         super().__init__()
         self.stages = tuple(sorted(stages)) if search else ()  # stages with a search and a head
         self.taps = tuple(sorted(set(self.stages) | {4}))  # maps read from the encoder; layer4 gives the pool
-        head = common.DINOHead(stage_channels(encoder, 4), out_dim, hidden_dim, bottleneck_dim,
-                               norm_last_layer=norm_last_layer)
+        head = DINOHead(stage_channels(encoder, 4), out_dim, hidden_dim, bottleneck_dim,
+                        norm_last_layer=norm_last_layer)
         stage_heads = nn.ModuleList(StageHead(stage_channels(encoder, k), stage_bottleneck, stage_hidden,
                                               stage_dim) for k in self.stages)
         stage_heads.to(memory_format=torch.channels_last)  # like the encoder's maps (common.resnet_features)
@@ -160,14 +281,14 @@ class SCFS(nn.Module):
         # BatchNorms use batch statistics (as upstream).
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         # NOTE(official): centers are buffers of the model, so a resume restores all four (upstream forgets c_4)
-        self.center = common.DINOCenter(out_dim)  # c of L_d
-        self.stage_centers = nn.ModuleList(common.DINOCenter(stage_dim) for _ in stage_heads)  # c_k
+        self.center = DINOCenter(out_dim)  # c of L_d
+        self.stage_centers = nn.ModuleList(DINOCenter(stage_dim) for _ in stage_heads)  # c_k
         self.student_temp, self.center_momentum, self.epochs = student_temp, center_momentum, epochs
         self.teacher_temp_args = (warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
 
     def teacher_temp(self, progress):
         """tau_t, set per epoch: linear warmup_teacher_temp -> teacher_temp over the warm-up epochs (as upstream)."""
-        return common.teacher_temperature(common.epoch_at(progress, self.epochs), *self.teacher_temp_args)
+        return teacher_temperature(common.epoch_at(progress, self.epochs), *self.teacher_temp_args)
 
     def forward(self, crops, progress):
         B = crops[0].shape[0]
@@ -183,7 +304,7 @@ class SCFS(nn.Module):
         with torch.no_grad():  # the teacher sees the 2 global crops only
             maps_t = common.resnet_features(teacher["encoder"], torch.cat(crops[:2]), self.taps)
             z_t = teacher["head"](maps_t[-1].mean((2, 3)))  # (2B, K)
-        loss_dino = common.dino_loss(z_s, z_t, self.center.center, ts, tt)  # 2 x (V - 1) pairs (as upstream)
+        loss_dino = dino_loss(z_s, z_t, self.center.center, ts, tt)  # 2 x (V - 1) pairs (as upstream)
         stats = {"loss_dino": loss_dino.detach(), "teacher_temp": torch.full((), tt, device=z_s.device)}
         loss, loss_global, loss_search, similarity = loss_dino, 0.0, 0.0, 0.0
         for i, (head_s, head_t) in enumerate(zip(student["stage_heads"], teacher["stage_heads"])):
@@ -195,7 +316,7 @@ class SCFS(nn.Module):
                 p_t_g = head_t(maps_t[k])  # (2B, D)
                 p_t_l = head_t(view1, weights=sim)  # searched targets, (LB, D); own BN call (as upstream)
             # L_g^k: cross-view and centred, i.e. DINO's loss over the 2 global crops: 2 pairs, 1/2 each
-            stage_global = common.dino_loss(p_s_g, p_t_g, self.stage_centers[i].center, ts, tt)
+            stage_global = dino_loss(p_s_g, p_t_g, self.stage_centers[i].center, ts, tt)
             stage_search = search_loss(p_s_l, p_t_l, ts, tt)  # L_l^k: L same-index pairs, uncentred
             loss = loss + 0.5 * (stage_global + stage_search)  # L = L_d + sum_k (L_g^k + L_l^k) / 2 (main_scfs.py)
             loss_global, loss_search = loss_global + stage_global.detach(), loss_search + stage_search.detach()
@@ -215,6 +336,25 @@ class SCFS(nn.Module):
 
 
 # --- training -------------------------------------------------------------------------------------
+@torch.no_grad()
+def average_bn_stats(model):
+    """Average BatchNorm running statistics over processes before a checkpoint (no-op in one process). On CUDA
+    DINO-style methods use SyncBatchNorm (equal already); gloo on CPU has none, so each rank has its own."""
+    if training.distributed():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(training.all_reduce_mean(m.running_mean))
+                m.running_var.copy_(training.all_reduce_mean(m.running_var))
+
+
+def cancel_last_layer(model, epoch, freeze_epochs):
+    """DINO's freeze_last_layer: no gradient (so no step, no decay) for *last_layer* parameters while epoch < freeze."""
+    if epoch < freeze_epochs:
+        for name, p in model.named_parameters():
+            if "last_layer" in name:
+                p.grad = None
+
+
 def build(cfg):
     """The model of a config (used by main, bench.py and the tests)."""
     encoder = common.resnet(cfg.model, cifar_stem=cfg.cifar_stem)
@@ -235,10 +375,10 @@ def make_optimizer(model, cfg, steps_per_epoch):
     linspace warm-up to lr, then a half-cosine towards min_lr that never quite reaches it) and returns it.
     NOTE(official): weight decay is a constant, not a per-step schedule (upstream's runs 1e-4 -> 1e-4)."""
     lr = cfg.blr * cfg.batch_size / 256
-    lrs = common.cosine_schedule(lr, cfg.min_lr, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch,
-                                 dino_warmup=True)
-    optimizer = torch.optim.SGD(common.param_groups(model, cfg.weight_decay), lr=lr, momentum=0.9)
-    return optimizer, lambda step: common.set_lr(optimizer, lrs[step])
+    lrs = training.cosine_schedule(lr, cfg.min_lr, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch,
+                                   dino_warmup=True)
+    optimizer = torch.optim.SGD(training.param_groups(model, cfg.weight_decay), lr=lr, momentum=0.9)
+    return optimizer, lambda step: training.set_lr(optimizer, lrs[step])
 
 
 def synthetic_batch(cfg, device):
@@ -249,35 +389,35 @@ def synthetic_batch(cfg, device):
 
 def train_step(ddp, optimizer, micro_batches, progress, cfg, ctx):
     """One optimizer step over a Step of micro-batches (also timed by bench.py). -> the step's stats."""
-    model = common.unwrap(ddp)
-    stats = common.forward_backward(ddp, micro_batches, progress, ctx)  # means over the micro-batches
+    model = training.unwrap(ddp)
+    stats = training.forward_backward(ddp, micro_batches, progress, ctx)  # means over the micro-batches
     ctx.scaler.unscale_(optimizer)
-    stats["grad_norm"] = common.clip_per_tensor(model.parameters(), cfg.clip_grad)  # method-specific
-    common.cancel_last_layer(model, common.epoch_at(progress, cfg.epochs), cfg.freeze_last_layer)  # method-specific
-    common.optimizer_step(optimizer, ctx)
-    model.update_teacher(common.teacher_momentum(progress, cfg.momentum_teacher))  # method-specific
+    stats["grad_norm"] = training.clip_per_tensor(model.parameters(), cfg.clip_grad)  # method-specific
+    cancel_last_layer(model, common.epoch_at(progress, cfg.epochs), cfg.freeze_last_layer)  # method-specific
+    training.optimizer_step(optimizer, ctx)
+    model.update_teacher(teacher_momentum(progress, cfg.momentum_teacher))  # method-specific
     return stats
 
 
 def main(cfg):
-    ctx = common.setup(cfg)
+    ctx = training.setup(cfg)
     model = build(cfg).to(ctx.device)  # method-specific
     if ctx.world > 1 and ctx.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN over the global batch, as the official
-    transform = common.MultiCrop(cfg.input_size, cfg.local_size, cfg.local_crops, (cfg.global_scale_min, 1.0),
-                                 (cfg.local_scale_min, cfg.local_scale_max),
-                                 (cfg.blur_radius_min, cfg.blur_radius_max))  # method-specific
+    transform = MultiCrop(cfg.input_size, cfg.local_size, cfg.local_crops, (cfg.global_scale_min, 1.0),
+                          (cfg.local_scale_min, cfg.local_scale_max),
+                          (cfg.blur_radius_min, cfg.blur_radius_max))  # method-specific
     dataset = common.image_dataset(cfg.data_path, transform, cfg.data_root)
     batches = common.Batches(dataset, cfg, ctx)
     steps_per_epoch, total_steps = batches.steps_per_epoch, cfg.epochs * batches.steps_per_epoch
     optimizer, schedule = make_optimizer(model, cfg, steps_per_epoch)  # method-specific
-    start_epoch = common.resume(cfg, "scfs", model, optimizer, ctx)
+    start_epoch = training.resume(cfg, "scfs", model, optimizer, ctx)
     if cfg.compile:
         for net in (model.student, model.teacher):  # method-specific: the ResNet stages and stage heads
             for module in [getattr(net["encoder"], f"layer{k}") for k in range(1, 5)] + list(net["stage_heads"]):
                 module.compile()
-    ddp = common.wrap_ddp(model, ctx)
-    log = common.Logger(cfg, ctx, steps_per_epoch, start_epoch)
+    ddp = training.wrap_ddp(model, ctx)
+    log = training.Logger(cfg, ctx, steps_per_epoch, start_epoch)
     log.run_line("scfs", model, batches.accum, blr=cfg.blr)
     log.info(f"scfs: {cfg.model}, 2 x {cfg.input_size} px + {cfg.local_crops} x {cfg.local_size} px crops; "
              f"feature search at stages {model.stages or 'none (plain DINO)'}")  # method-specific
@@ -293,12 +433,14 @@ def main(cfg):
             stats = train_step(ddp, optimizer, micro_batches, step / total_steps, cfg, ctx)
             log.step(step, lr, stats)
         # NOTE(official): SyncBN everywhere there; gloo (CPU) has none, so CPU ranks keep their own BN statistics
-        common.average_bn_stats(model)
-        common.save_checkpoint(cfg, "scfs", model, optimizer, epoch + 1, ctx,
-                               encoders={"cnn": (model.teacher["encoder"], arch)})
+        average_bn_stats(model)
+        training.save_checkpoint(cfg, "scfs", model, optimizer, epoch + 1, ctx,
+                                 encoders={"cnn": (model.teacher["encoder"], arch)})
     log.close()
     return model
 
 
 if __name__ == "__main__":
-    main(common.parse_config(Config))
+    if training is None:
+        raise SystemExit("error: scfs.py's training program needs training.py beside it; copy it from the repository")
+    main(training.parse_config(Config))

@@ -8,7 +8,7 @@ frozen teacher's tokens, whose cls-patch similarity then also picks the centre).
 Paper: arXiv 2312.10457.  Run: torchrun --nproc_per_node=8 semaim.py --data_path /imagenet/train
 Shapes: B batch, N patches on a G x G grid, T = 1 + N tokens ([CLS] first), D width, P = patch*patch*3,
 C teacher width (--target features).
-To reuse: copy this file and common.py."""
+To reuse: the model, semaim.py + common.py; the training program, + training.py; feature targets, + teachers.py."""
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -21,10 +21,16 @@ import torch.nn.functional as F
 import common
 from common import Block, patchify
 
+try:  # the training program below needs training.py; the method section needs only common.py
+    import training
+    TrainConfig = training.TrainConfig
+except ModuleNotFoundError:  # this file copied with common.py alone, to reuse the model: the program cannot run
+    training, TrainConfig = None, object
+
 
 # --- config ---------------------------------------------------------------------------------------
 @dataclass
-class Config(common.TrainConfig):
+class Config(TrainConfig):
     output_dir: str = "./output_semaim"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
     model: str = "vit_base"  # encoder = content stream: vit_tiny, vit_small, vit_base, vit_large (README: aim_base)
     input_size: int = 224  # image side in pixels
@@ -119,6 +125,13 @@ def pixel_targets(imgs, patch_size, kernel=None, norm_pix=True):
     return target
 
 
+# Copied from teachers.py: feature_distance
+def feature_distance(pred, target):
+    """|pred/|pred| - target/|target||^2 summed over channels (= 2 - 2 cos), in fp32: the per-token loss of both
+    papers' feature targets (HPM models_mae_learn_feature_loss.py, SemAIM models_semaim.py). (..., C) -> (...)"""
+    return (F.normalize(pred.float(), dim=-1) - F.normalize(target.float(), dim=-1)).pow(2).sum(-1)
+
+
 class CrossAttention(nn.Module):
     """Queries from the query stream, keys and values from the content stream of the same layer; three
     separate D x D projections with bias, as upstream (so xavier init treats each on its own)."""
@@ -139,7 +152,7 @@ class CrossAttention(nn.Module):
 class QueryBlock(Block):
     """Query-stream block (as upstream): g <- g + Proj(MHA(LN1(g), LN1(h))); g <- g + MLP(LN2(g)). The same LN1
     normalises both streams; the stream never attends to itself. A Block subclass, so that
-    common.compile_blocks compiles it too."""
+    training.compile_blocks compiles it too."""
     def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
         super().__init__(dim, num_heads, mlp_ratio, drop_path)
         self.attn = CrossAttention(dim, num_heads)
@@ -152,7 +165,7 @@ class QueryBlock(Block):
 class SemAIM(nn.Module):
     """Two-stream autoregressive image modeling in a semantic-aware (or stochastic, raster) order.
     `loss, stats = model(images, progress)`; progress is unused (no schedule belongs to the method).
-    target="features" (SemAIM*): the targets are feature_teacher's tokens (a common.FrozenTeacher), or with
+    target="features" (SemAIM*): the targets are feature_teacher's tokens (a teachers.FrozenTeacher), or with
     feature_teacher=None the model's own no-grad unmasked tokens (upstream's `inference`)."""
 
     def __init__(self, encoder, query_depth=12, order="semantic", blur_kernel=9, blur_sigma=1.0,
@@ -240,7 +253,7 @@ class SemAIM(nn.Module):
         rank = self.ranks(imgs, tokens)  # (B, N); before the masked pass, so its activations are freed first
         pred = self.predict(imgs, rank)  # (B, N, P or C)
         if tokens is not None:  # 2 - 2 cos per patch, every patch, equal weight (upstream forward_feature_loss)
-            return common.feature_distance(pred, tokens[:, 1:]).mean(), order_stats(rank, self.encoder.grid)
+            return feature_distance(pred, tokens[:, 1:]).mean(), order_stats(rank, self.encoder.grid)
         # NOTE(official): upstream blurs and normalises under fp16 autocast; here always fp32 (our precision
         # convention: pixel normalisation in fp32), so the targets do not depend on --dtype.
         with torch.no_grad(), torch.autocast(imgs.device.type, enabled=False):
@@ -280,37 +293,49 @@ def build(cfg):
         common.fail(f"--blur_kernel {cfg.blur_kernel}: the kernel needs an odd side; pass e.g. 9, or 0 for no blur")
     return SemAIM(encoder, query_depth=cfg.query_depth, order=cfg.order, blur_kernel=cfg.blur_kernel,
                   blur_sigma=cfg.blur_sigma, norm_pix_loss=cfg.norm_pix_loss, drop_path=cfg.drop_path,
-                  target=cfg.target, feature_teacher=common.target_teacher(cfg, self_ok=True))
+                  target=cfg.target, feature_teacher=feature_teacher(cfg))
+
+
+def feature_teacher(cfg):
+    """The frozen teacher of --target features (None for pixels and for --teacher self: the model's own features)."""
+    if cfg.target == "pixels" and not cfg.teacher:
+        return None
+    try:  # feature targets only: the paper's pixel runs need no teachers.py
+        import teachers
+    except ModuleNotFoundError:
+        common.fail(f"--target {cfg.target} --teacher {cfg.teacher} needs teachers.py beside this file; copy it from "
+                    "the repository")
+    return teachers.target_teacher(cfg, self_ok=True)
 
 
 def make_optimizer(model, cfg, steps_per_epoch):
-    """MAE's AdamW and per-step lr (common.mae_optimizer); used by main and bench.py."""
-    return common.mae_optimizer(model, cfg, steps_per_epoch)
+    """MAE's AdamW and per-step lr (training.mae_optimizer); used by main and bench.py."""
+    return training.mae_optimizer(model, cfg, steps_per_epoch)
 
 
 def train_step(ddp, optimizer, micro_batches, progress, cfg, ctx):
     """One optimizer step (also timed by bench.py): the mean loss over the micro-batches, the global grad-norm
     clip (3, the README command), AdamW. -> the step's stats."""
-    model = common.unwrap(ddp)
-    stats = common.forward_backward(ddp, micro_batches, progress, ctx)  # means over the micro-batches
+    model = training.unwrap(ddp)
+    stats = training.forward_backward(ddp, micro_batches, progress, ctx)  # means over the micro-batches
     ctx.scaler.unscale_(optimizer)
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float("inf"))  # 0: off
-    common.optimizer_step(optimizer, ctx)
+    training.optimizer_step(optimizer, ctx)
     return stats
 
 
 def main(cfg):
-    ctx = common.setup(cfg)
+    ctx = training.setup(cfg)
     model = build(cfg).to(ctx.device)  # method-specific
     dataset = common.image_dataset(cfg.data_path, common.mae_transform(cfg.input_size), cfg.data_root)
     batches = common.Batches(dataset, cfg, ctx)
     steps_per_epoch, total_steps = batches.steps_per_epoch, cfg.epochs * batches.steps_per_epoch
     optimizer, schedule = make_optimizer(model, cfg, steps_per_epoch)
-    start_epoch = common.resume(cfg, "semaim", model, optimizer, ctx)
+    start_epoch = training.resume(cfg, "semaim", model, optimizer, ctx)
     if cfg.compile:
-        common.compile_blocks(model)  # encoder blocks and query blocks (QueryBlock is a Block)
-    ddp = common.wrap_ddp(model, ctx)
-    log = common.Logger(cfg, ctx, steps_per_epoch, start_epoch)
+        training.compile_blocks(model)  # encoder blocks and query blocks (QueryBlock is a Block)
+    ddp = training.wrap_ddp(model, ctx)
+    log = training.Logger(cfg, ctx, steps_per_epoch, start_epoch)
     log.run_line("semaim", model, batches.accum, blr=cfg.blr)
     grid = model.encoder.grid  # method-specific
     log.info(f"semaim: {cfg.order} order over a {grid} x {grid} grid; {cfg.query_depth} query blocks, one "
@@ -329,10 +354,12 @@ def main(cfg):
             lr = schedule(step)
             stats = train_step(ddp, optimizer, micro_batches, step / total_steps, cfg, ctx)
             log.step(step, lr, stats)
-        common.save_checkpoint(cfg, "semaim", model, optimizer, epoch + 1, ctx)
+        training.save_checkpoint(cfg, "semaim", model, optimizer, epoch + 1, ctx)
     log.close()
     return model
 
 
 if __name__ == "__main__":
-    main(common.parse_config(Config))
+    if training is None:
+        raise SystemExit("error: semaim.py's training program needs training.py beside it; copy it from the repository")
+    main(training.parse_config(Config))

@@ -19,9 +19,9 @@ def unpatchify(x, p):
 
 
 def cpu_context():
-    """The Context of a single CPU process in float32 (what common.setup returns there), without its side effects."""
-    import common
-    return common.Context(0, 1, torch.device("cpu"), torch.float32, torch.amp.GradScaler("cpu", enabled=False))
+    """The Context of a single CPU process in float32 (what training.setup returns there), without its side effects."""
+    import training
+    return training.Context(0, 1, torch.device("cpu"), torch.float32, torch.amp.GradScaler("cpu", enabled=False))
 
 
 def make_image_folder(root, classes=2, per_class=12, size=32, seed=0):
@@ -106,7 +106,7 @@ def tiny_args(data_path, output_dir, *extra, method="hpm"):
             "--log_every", "1", *extra]
 
 
-# Teacher weight files in the layouts common.frozen_teacher reads (tests, and the README's Done-when runs):
+# Teacher weight files in the layouts teachers.frozen_teacher reads (tests, and the README's Done-when runs):
 #   python -c "import sys; sys.path.insert(0, 'tests'); import conftest; conftest.write_tiny_clip('tiny_clip.pt')"
 def write_tiny_clip(path, quick_gelu=True, archive=False, seed=0):
     """A tiny CLIP with random weights (image tower: 32 px, patch 4, 2 blocks of width 128 = 2 heads of 64, 48-d
@@ -157,13 +157,13 @@ def write_timm_vit(path, wrap=True, seed=0):
 def write_own_checkpoint(output_dir, seed=0):
     """A checkpoint.pth of ours as hpm.py writes it (the cifar10 preset's ViT-Tiny/4 at 32 px, untrained).
     -> the model"""
-    import common
+    import training
     import hpm
-    cfg = common.parse_config(hpm.Config, tiny_args("unused", output_dir, method="hpm"))
+    cfg = training.parse_config(hpm.Config, tiny_args("unused", output_dir, method="hpm"))
     torch.manual_seed(seed)
     model = hpm.build(cfg)
     os.makedirs(output_dir, exist_ok=True)
-    common.save_checkpoint(cfg, "hpm", model, common.adamw(model, 1e-3, 0.05), 1, cpu_context())
+    training.save_checkpoint(cfg, "hpm", model, training.adamw(model, 1e-3, 0.05), 1, cpu_context())
     return model
 
 

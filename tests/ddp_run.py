@@ -9,20 +9,20 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
+import training  # noqa: E402
 
 if __name__ == "__main__":
     args = sys.argv[1:]
     method = importlib.import_module(args.pop(0) if args and not args[0].startswith("-") else "hpm")
-    cfg = common.parse_config(method.Config, args)
+    cfg = training.parse_config(method.Config, args)
     kill = os.environ.get("KILL_RANK")
     if kill is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        save = common.save_checkpoint
+        save = training.save_checkpoint
 
         def save_then_die(*a, **kw):
             save(*a, **kw)
             if os.environ["RANK"] == kill:
                 os.kill(os.getpid(), signal.SIGKILL)
-        common.save_checkpoint = save_then_die
+        training.save_checkpoint = save_then_die
     model = method.main(cfg)
     torch.save(model.state_dict(), os.path.join(cfg.output_dir, f"rank{os.environ['RANK']}.pt"))

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import bench
-import common
 import droppos
 import finetune
 import hpm
 import mokd
 import scfs
 import semaim
+import training
 from conftest import TINY, cpu_context, tiny_args
 
 SCRIPTS = {"hpm": hpm, "droppos": droppos, "semaim": semaim, "mokd": mokd, "scfs": scfs, "finetune": finetune}
@@ -41,7 +41,7 @@ def test_one_epoch_with_the_presets_own_warmup(name, image_root, tmp_path, capsy
     data = image_root if name == "finetune" else image_root / "train"  # fine-tuning reads train/ and val/
     args = ["--preset", "cifar10", "--data_path", str(data), "--output_dir", str(tmp_path),
             *TINY[name], "--epochs", "1", "--batch_size", "8", "--num_workers", "0", "--log_every", "1"]
-    cfg = common.parse_config(module.Config, args)
+    cfg = training.parse_config(module.Config, args)
     assert cfg.warmup_epochs > 1 and cfg.micro_batch == 8  # the preset's warm-up; the micro-batch follows the batch
     module.main(cfg)
     log = [r for r in map(json.loads, open(tmp_path / "log.jsonl")) if "lr" in r]  # steps (finetune: evaluations too)
@@ -60,7 +60,7 @@ def test_fewer_images_than_one_batch_train_one_smaller_step(cap, micro, image_ro
     """24 images, --batch_size 32: each epoch is one step of all 24, in as few equal micro-batches as the
     --micro_batch cap allows (3 x 8, 2 x 12, 1 x 24), the lr linearly scaled to 24, and the config records it."""
     batch = 24
-    cfg = common.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path, "--batch_size", "32",
+    cfg = training.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path, "--batch_size", "32",
                                                     "--micro_batch", str(cap), "--warmup_epochs", "0"))
     hpm.main(cfg)
     assert f"24 images make no full batch of --batch_size 32: each epoch is one step of 24 (1 process(es) x " \
@@ -74,17 +74,17 @@ def test_fewer_images_than_one_batch_train_one_smaller_step(cap, micro, image_ro
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_batch_not_divisible_and_zero_epochs(name):
     module = SCRIPTS[name]
-    message = error_of(lambda: common.parse_config(module.Config, ["--batch_size", "10", "--micro_batch", "4"]))
+    message = error_of(lambda: training.parse_config(module.Config, ["--batch_size", "10", "--micro_batch", "4"]))
     assert message.startswith("error: --batch_size 10 is not a multiple of --micro_batch 4 x 1 process(es)")
-    assert error_of(lambda: common.parse_config(module.Config, ["--epochs", "0"])) == (
+    assert error_of(lambda: training.parse_config(module.Config, ["--epochs", "0"])) == (
         "error: --epochs 0 is out of range; pass a value in [1, inf)")
 
 
 def test_resuming_a_finished_run_says_so_and_exits_0(image_root, tmp_path, capsys):
-    hpm.main(common.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path, "--epochs", "1")))
+    hpm.main(training.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path, "--epochs", "1")))
     before = os.path.getmtime(tmp_path / "checkpoint.pth")
     with pytest.raises(SystemExit) as e:
-        hpm.main(common.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path, "--epochs", "1")))
+        hpm.main(training.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path, "--epochs", "1")))
     assert e.value.code == 0 and "has already trained 1 epoch and --epochs is 1: nothing to train" in \
         capsys.readouterr().err
     assert os.path.getmtime(tmp_path / "checkpoint.pth") == before
@@ -115,7 +115,7 @@ def test_every_numeric_flag_at_0_and_minus_1(name, tmp_path):
         base += ["--batch_size", "2"]
 
     def one_step(cfg):
-        common.seed_all(0)
+        training.seed_all(0)
         model = module.build(cfg)
         optimizer, schedule = module.make_optimizer(model, cfg, steps_per_epoch=2)
         schedule(1)
@@ -123,13 +123,13 @@ def test_every_numeric_flag_at_0_and_minus_1(name, tmp_path):
         stats = module.train_step(model, optimizer, [batch], 0.5, cfg, cpu_context())
         assert torch.isfinite(stats["loss"])
 
-    read = Reads(common.parse_config(module.Config, base))
+    read = Reads(training.parse_config(module.Config, base))
     one_step(read)  # which fields a step reads at all: the others cannot break one
     outcomes = {}
     for field in numeric_fields(module.Config):
         for value in ("0", "-1"):
             try:
-                cfg = common.parse_config(module.Config, [*base, f"--{field}", value])
+                cfg = training.parse_config(module.Config, [*base, f"--{field}", value])
             except SystemExit as e:
                 message = str(e.code)
                 assert message.startswith(f"error: --{field} {value}") and "\n" not in message, (field, message)
@@ -154,25 +154,25 @@ def test_every_numeric_field_has_a_range():
 def test_micro_batch_follows_the_batch_size_unless_given(name):
     module = SCRIPTS[name]
     preset_micro = module.Config.presets["cifar10"]["micro_batch"]
-    assert common.parse_config(module.Config, ["--preset", "cifar10", "--batch_size", "64"]).micro_batch == 64
-    assert common.parse_config(module.Config, ["--preset", "cifar10", "--batch_size", "96"]).micro_batch == 96
-    big = common.parse_config(module.Config, ["--preset", "cifar10", "--batch_size", str(6 * preset_micro)])
+    assert training.parse_config(module.Config, ["--preset", "cifar10", "--batch_size", "64"]).micro_batch == 64
+    assert training.parse_config(module.Config, ["--preset", "cifar10", "--batch_size", "96"]).micro_batch == 96
+    big = training.parse_config(module.Config, ["--preset", "cifar10", "--batch_size", str(6 * preset_micro)])
     assert big.micro_batch == preset_micro  # the preset's micro-batch is the cap
-    assert common.parse_config(module.Config, ["--preset", "cifar10", "--batch_size", "64",
+    assert training.parse_config(module.Config, ["--preset", "cifar10", "--batch_size", "64",
                                                "--micro_batch", "16"]).micro_batch == 16
-    assert error_of(lambda: common.parse_config(module.Config, ["--preset", "cifar10", "--batch_size", "64",
+    assert error_of(lambda: training.parse_config(module.Config, ["--preset", "cifar10", "--batch_size", "64",
                                                                 "--micro_batch", "48"])).startswith(
         "error: --batch_size 64 is not a multiple of --micro_batch 48")
 
 
 def test_help_shows_the_presets_values_and_workers_follow_the_cores(capsys):
     with pytest.raises(SystemExit):
-        common.parse_config(hpm.Config, ["--preset", "cifar10", "--help"])
+        training.parse_config(hpm.Config, ["--preset", "cifar10", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(preset cifar10: vit_tiny)" in text and "(preset cifar10: 100)" in text and "(default: vit_base)" not in text
     cores = len(os.sched_getaffinity(0))
-    assert common.parse_config(hpm.Config, []).num_workers == min(10, cores)
-    assert common.parse_config(hpm.Config, ["--num_workers", "7"]).num_workers == 7
+    assert training.parse_config(hpm.Config, []).num_workers == min(10, cores)
+    assert training.parse_config(hpm.Config, ["--num_workers", "7"]).num_workers == 7
 
 
 # --- checkpoints: malformed files, resumes that check what they resume ---------------------------------------
@@ -203,15 +203,15 @@ def test_malformed_checkpoints_give_one_line_errors(kind, image_root, tmp_path):
         path.mkdir()
     else:
         torch.save(MALFORMED[kind], path)
-    assert error_of(lambda: common.load_encoder(str(path)))
-    cfg = common.parse_config(hpm.Config, tiny_args(image_root / "train", out))
+    assert error_of(lambda: training.load_encoder(str(path)))
+    cfg = training.parse_config(hpm.Config, tiny_args(image_root / "train", out))
     assert error_of(lambda: hpm.main(cfg))
 
 
 def test_resume_refuses_other_settings_unless_asked(image_root, tmp_path, capsys):
     """Auto-resume with another --data_path or --batch_size stops and names both values; more --epochs or another
     --micro_batch continue; --resume PATH continues deliberately and prints what changed."""
-    make = lambda *extra: common.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path, *extra))  # noqa
+    make = lambda *extra: training.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path, *extra))  # noqa
     hpm.main(make("--epochs", "1"))
     message = error_of(lambda: hpm.main(make("--data_path", str(image_root / "val"), "--batch_size", "4")))
     assert f"--data_path {image_root / 'train'} (now {image_root / 'val'})" in message
@@ -227,14 +227,14 @@ def test_resume_refuses_other_settings_unless_asked(image_root, tmp_path, capsys
 def test_killed_run_resumes_with_each_step_logged_once(image_root, tmp_path, monkeypatch):
     """A kill in the middle of epoch 1 (after steps 3 and 4 were logged) and a resume from the epoch-1 checkpoint:
     log.jsonl holds every step once; a stale checkpoint.pth.tmp from a killed save is removed at start."""
-    cfg = common.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path))
-    step = common.Logger.step
+    cfg = training.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path))
+    step = training.Logger.step
 
     def step_then_die(self, s, *args):
         step(self, s, *args)
         if s == 4:
             raise KeyboardInterrupt
-    monkeypatch.setattr(common.Logger, "step", step_then_die)
+    monkeypatch.setattr(training.Logger, "step", step_then_die)
     with pytest.raises(KeyboardInterrupt):
         hpm.main(cfg)
     monkeypatch.undo()
@@ -255,5 +255,5 @@ def test_unusable_output_dir(problem, image_root, tmp_path):
         target.chmod(0o500)
         if os.access(target, os.W_OK):  # root ignores permissions
             pytest.skip("running as root: every folder is writable")
-    cfg = common.parse_config(hpm.Config, tiny_args(image_root / "train", target))
+    cfg = training.parse_config(hpm.Config, tiny_args(image_root / "train", target))
     assert error_of(lambda: hpm.main(cfg)).startswith(("error: --output_dir", "error: cannot write to --output_dir"))

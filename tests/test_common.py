@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+import training
 from conftest import cpu_context, unpatchify
 import hpm
 
@@ -148,20 +149,20 @@ def test_gather_tokens_picks_rows():
 def test_cosine_schedule_warmup_then_half_cosine():
     """§3.1/§5: linear warmup from 0 to base, then half-cosine to final; midpoint = (base + final) / 2."""
     base, final, total, warm = 1.0, 0.1, 110, 10
-    s = common.cosine_schedule(base, final, total, warm)
+    s = training.cosine_schedule(base, final, total, warm)
     assert s.shape == (total,) and s[0] == 0
     assert np.allclose(s[:warm], base * np.arange(warm) / warm)
     assert s[warm] == pytest.approx(base)
     assert np.all(np.diff(s[warm:]) <= 0)
     assert s[warm + (total - warm) // 2] == pytest.approx((base + final) / 2)
     assert abs(s[-1] - final) < 1e-3 and s[-1] >= final
-    assert common.cosine_schedule(base, final, 50)[0] == base  # no warmup: starts at base (DINO)
+    assert training.cosine_schedule(base, final, 50)[0] == base  # no warmup: starts at base (DINO)
 
 
 def test_cosine_schedule_is_maes_per_iteration_rule():
     """§3.1: per iteration on the fractional epoch, as MAE's util/lr_sched.adjust_learning_rate."""
     lr, min_lr, epochs, warmup, steps = 2e-3, 1e-5, 10, 2, 7
-    s = common.cosine_schedule(lr, min_lr, epochs * steps, warmup * steps)
+    s = training.cosine_schedule(lr, min_lr, epochs * steps, warmup * steps)
     for step in range(epochs * steps):
         epoch = step / steps
         if epoch < warmup:
@@ -174,7 +175,7 @@ def test_cosine_schedule_is_maes_per_iteration_rule():
 def test_param_groups_decay_iff_matrix_and_trainable():
     """§5/STYLE.md: weight decay exactly on trainable params with ndim >= 2; frozen ones left out."""
     model = tiny_hpm()
-    decay, no_decay = common.param_groups(model, 0.05)
+    decay, no_decay = training.param_groups(model, 0.05)
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
     ids = lambda ps: {id(p) for p in ps}  # noqa: E731
     params = list(model.parameters())
@@ -191,7 +192,7 @@ def test_export_import_state_round_trip():
     """STYLE.md: exported keys drop the 'encoder.' prefix (timm's names at the top level) and
     import_state restores the model exactly."""
     model = tiny_hpm(seed=0)
-    state = common.export_state(model)
+    state = training.export_state(model)
     assert not any(k.startswith("encoder.") for k in state)
     expected = timm_vit_keys(32, 2, 4, 8)
     assert set(expected) <= set(state)
@@ -200,20 +201,20 @@ def test_export_import_state_round_trip():
     assert set(state) - set(expected) == {k for k in model.state_dict() if not k.startswith("encoder.")}
     other = tiny_hpm(seed=1)
     assert not torch.equal(other.encoder.blocks[0].attn.qkv.weight, model.encoder.blocks[0].attn.qkv.weight)
-    common.import_state(other, state)
+    training.import_state(other, state)
     mine, theirs = model.state_dict(), other.state_dict()
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 def test_import_state_mismatch_is_one_line_error():
     """STYLE.md: weights that do not fit stop with `error: ...; ...`, not a traceback."""
-    state = common.export_state(tiny_hpm())
+    state = training.export_state(tiny_hpm())
     state.pop("norm.weight")
     state["pos_embed"] = torch.zeros(1, 5, 32)
     for i in range(10):
         state[f"extra.{i}"] = torch.zeros(1)
     with pytest.raises(SystemExit) as e:
-        common.import_state(tiny_hpm(), state)
+        training.import_state(tiny_hpm(), state)
     message = str(e.value)
     assert message.startswith("error: the checkpoint's weights do not fit this model: 1 missing (norm.weight); "
                               "10 unexpected (extra.0, extra.1, extra.2, ...); 1 of another shape (pos_embed (1, 5, 32) "
@@ -224,21 +225,21 @@ def test_import_state_mismatch_is_one_line_error():
 def test_checkpoint_save_load_round_trip(tmp_path):
     """STYLE.md: checkpoint.pth holds method, model, optimizer, next epoch; loads with weights_only."""
     model = tiny_hpm()
-    optimizer = common.adamw(model, 1e-3, 0.05)
+    optimizer = training.adamw(model, 1e-3, 0.05)
     path = str(tmp_path / "checkpoint.pth")
-    common.save_checkpoint(hpm.Config(output_dir=str(tmp_path)), "hpm", model, optimizer, 3, cpu_context())
-    ckpt = common.load_checkpoint(path, "hpm")
+    training.save_checkpoint(hpm.Config(output_dir=str(tmp_path)), "hpm", model, optimizer, 3, cpu_context())
+    ckpt = training.load_checkpoint(path, "hpm")
     assert ckpt["epoch"] == 3 and ckpt["config"]["epochs"] == hpm.Config().epochs
-    assert ckpt["model"].keys() == common.export_state(model).keys()
+    assert ckpt["model"].keys() == training.export_state(model).keys()
     with pytest.raises(SystemExit, match="written by hpm.py, not mae.py"):
-        common.load_checkpoint(path, "mae")
+        training.load_checkpoint(path, "mae")
 
 
 def test_collectives_are_noops_without_a_process_group():
     """A single process (no torchrun) has no process group: all_reduce_mean returns its input's values."""
     x = torch.tensor([1.0, 2.0])
-    assert not common.distributed()
-    assert torch.equal(common.all_reduce_mean(x), x)
+    assert not training.distributed()
+    assert torch.equal(training.all_reduce_mean(x), x)
 
 
 # --- the logged numbers: means over micro-batches, steps and ranks ----------------------------------
@@ -257,7 +258,7 @@ def test_step_stats_and_gradients_are_means_over_micro_batches():
     """Two micro-batches with losses 1 and 3: the step's loss (and every stat) is their mean 2, not the last
     micro-batch's 3; the gradient is that of the mean loss."""
     model = Echo()
-    stats = common.forward_backward(model, [torch.tensor(1.0), torch.tensor(3.0)], 0.0, cpu_context())
+    stats = training.forward_backward(model, [torch.tensor(1.0), torch.tensor(3.0)], 0.0, cpu_context())
     assert stats["loss"].item() == 2.0 and stats["double"].item() == 4.0
     assert model.w.grad.item() == 2.0
 
@@ -265,22 +266,22 @@ def test_step_stats_and_gradients_are_means_over_micro_batches():
 def test_logger_logs_the_first_step_then_window_means(tmp_path):
     """log_every 2 over 3 steps: a record at step 0 (the first step is always logged), then at step 2 the mean of
     steps 1 and 2; log.jsonl holds exactly those; a restart at epoch 1 drops the records it will write again."""
-    cfg = common.TrainConfig(output_dir=str(tmp_path), epochs=2, log_every=2, batch_size=4)
-    log = common.Logger(cfg, cpu_context(), steps_per_epoch=3, start_epoch=0)
+    cfg = training.TrainConfig(output_dir=str(tmp_path), epochs=2, log_every=2, batch_size=4)
+    log = training.Logger(cfg, cpu_context(), steps_per_epoch=3, start_epoch=0)
     for step, loss in enumerate([2.0, 4.0, 6.0, 8.0]):
         log.step(step, 0.1, {"loss": torch.tensor(loss)})
     log.close()
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [(r["step"], r["epoch"], r["loss"]) for r in records] == [(0, 0, 2.0), (2, 0, 5.0)]
-    common.Logger(cfg, cpu_context(), steps_per_epoch=3, start_epoch=0).close()  # a fresh start over an old log
+    training.Logger(cfg, cpu_context(), steps_per_epoch=3, start_epoch=0).close()  # a fresh start over an old log
     assert (tmp_path / "log.jsonl").read_text() == ""
 
 
 def _log_on_two_ranks(rank, path, port):
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    ctx = common.Context(rank, 2, torch.device("cpu"), torch.float32, torch.amp.GradScaler("cpu", enabled=False))
-    cfg = common.TrainConfig(output_dir=path, epochs=1, log_every=1, batch_size=4)
-    log = common.Logger(cfg, ctx, steps_per_epoch=1, start_epoch=0)
+    ctx = training.Context(rank, 2, torch.device("cpu"), torch.float32, torch.amp.GradScaler("cpu", enabled=False))
+    cfg = training.TrainConfig(output_dir=path, epochs=1, log_every=1, batch_size=4)
+    log = training.Logger(cfg, ctx, steps_per_epoch=1, start_epoch=0)
     log.step(0, 0.1, {"loss": torch.tensor(float(rank + 1)), "acc": torch.tensor(float(10 * rank))})
     log.close()
     torch.distributed.destroy_process_group()

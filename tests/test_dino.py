@@ -14,6 +14,8 @@ from PIL import Image, ImageFilter
 
 import common
 import mokd
+import scfs
+import training
 from conftest import cpu_context
 
 
@@ -57,12 +59,12 @@ def test_resize_pos_embed_and_vit_at_two_resolutions():
 # --- Multi-crop data -----------------------------------------------------------------------------------
 def test_multicrop_shapes_and_batches_of_crop_lists(image_root):
     """2 globals + n locals per image, normalised tensors; Batches yields V crop-major (B, 3, h, w) tensors."""
-    crops = common.MultiCrop(32, 16, 3, (0.25, 1.0), (0.05, 0.25))
+    crops = scfs.MultiCrop(32, 16, 3, (0.25, 1.0), (0.05, 0.25))
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
     out = crops(img)
     assert [tuple(c.shape) for c in out] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
     dataset = common.image_dataset(str(image_root / "train"), crops)
-    cfg = common.TrainConfig(batch_size=8, micro_batch=4, num_workers=0)
+    cfg = training.TrainConfig(batch_size=8, micro_batch=4, num_workers=0)
     batches = common.Batches(dataset, cfg, cpu_context())
     step = next(batches.epoch(0))
     assert len(step) == 2  # 8 images per step in micro-batches of 4
@@ -75,19 +77,19 @@ def test_blur_radius_is_dinos_at_every_crop_size(monkeypatch):
     """p = 0 never blurs; p = 1 always does; the radius is U(0.1, 2) for global and local crops alike, as DINO's
     GaussianBlur (utils.py; mokd/scfs utils/preprocess.py) at 224 and 96 px; a CIFAR preset passes its own range."""
     img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8))
-    assert common.RandomBlur(0.0)(img) is img
-    assert np.asarray(common.RandomBlur(1.0)(img)).std() < np.asarray(img).std()
-    crops = common.MultiCrop(224, 96, 2)
+    assert scfs.RandomBlur(0.0)(img) is img
+    assert np.asarray(scfs.RandomBlur(1.0)(img)).std() < np.asarray(img).std()
+    crops = scfs.MultiCrop(224, 96, 2)
     blurs = [t for c in (crops.global1, crops.global2, crops.local) for t in c.transforms
-             if isinstance(t, common.RandomBlur)]
+             if isinstance(t, scfs.RandomBlur)]
     assert [b.p for b in blurs] == [1.0, 0.1, 0.5] and all(b.radius == (0.1, 2.0) for b in blurs)
     radii = []
-    monkeypatch.setattr(common.ImageFilter, "GaussianBlur", lambda r: radii.append(r) or ImageFilter.BLUR)
+    monkeypatch.setattr(scfs.ImageFilter, "GaussianBlur", lambda r: radii.append(r) or ImageFilter.BLUR)
     torch.manual_seed(0)
     for _ in range(500):
-        common.RandomBlur(1.0)(img)
+        scfs.RandomBlur(1.0)(img)
     assert 0.1 <= min(radii) < 0.2 and 1.9 < max(radii) <= 2.0 and abs(np.mean(radii) - 1.05) < 0.1
-    mokd_cifar = common.parse_config(mokd.Config, ["--preset", "cifar10"])
+    mokd_cifar = training.parse_config(mokd.Config, ["--preset", "cifar10"])
     assert (mokd_cifar.blur_radius_min, mokd_cifar.blur_radius_max) == pytest.approx((0.1 * 32 / 224, 2 * 32 / 224))
 
 
@@ -97,7 +99,7 @@ def test_dino_head(norm_last_layer):
     """MLP -> L2-normalise -> weight-normed Linear without bias, g = 1 (so every weight row has norm 1),
     g frozen iff norm_last_layer; the weight-norm parameters are named *last_layer*; deepcopy works."""
     torch.manual_seed(0)
-    head = common.DINOHead(16, 64, hidden_dim=32, bottleneck_dim=8, nlayers=3, norm_last_layer=norm_last_layer)
+    head = scfs.DINOHead(16, 64, hidden_dim=32, bottleneck_dim=8, nlayers=3, norm_last_layer=norm_last_layer)
     names = dict(head.named_parameters())
     g = names["last_layer.parametrizations.weight.original0"]
     assert g.shape == (64, 1) and torch.equal(g, torch.ones(64, 1)) and g.requires_grad == (not norm_last_layer)
@@ -129,7 +131,7 @@ def test_dino_loss_value_worked_by_hand():
     teacher = torch.tensor([[0.0, 0.0], [math.log(3) * tt, 0.0]])
     student = torch.tensor([[0.0, 0.0], [math.log(3) * ts, 0.0], [0.0, 0.0]])
     expected = (-(0.5 * math.log(0.75) + 0.5 * math.log(0.25)) + 3 * math.log(2)) / 4  # 0.729107
-    assert common.dino_loss(student, teacher, None, ts, tt).item() == pytest.approx(expected, rel=1e-5)
+    assert scfs.dino_loss(student, teacher, None, ts, tt).item() == pytest.approx(expected, rel=1e-5)
     assert expected == pytest.approx(0.729107, abs=1e-6)
     # the same-view pairs (0,0) and (1,1) are left out: including them would give another value
     assert (-(0.5 * math.log(0.75) + 0.5 * math.log(0.25)) + 3 * math.log(2) + math.log(2)
@@ -144,7 +146,7 @@ def test_dino_loss_matches_the_loop_and_skips_same_views():
     student = torch.randn(V * B, K, generator=g, requires_grad=True)
     teacher = torch.randn(2 * B, K, generator=g, requires_grad=True)
     center = torch.randn(1, K, generator=g)
-    ours = common.dino_loss(student, teacher, center, 0.1, 0.05)
+    ours = scfs.dino_loss(student, teacher, center, 0.1, 0.05)
     ref, terms = loop_dino_loss(student, teacher, center, 0.1, 0.05)
     assert terms == 18 and ours.dtype == torch.float32
     assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
@@ -154,13 +156,13 @@ def test_dino_loss_matches_the_loop_and_skips_same_views():
     student.grad = None
     ref.backward()
     assert torch.allclose(g_ours, student.grad, atol=1e-6)
-    flat = common.dino_loss(torch.zeros(V * B, K), teacher.detach(), center, 0.1, 0.05)
+    flat = scfs.dino_loss(torch.zeros(V * B, K), teacher.detach(), center, 0.1, 0.05)
     assert flat.item() == pytest.approx(math.log(K), rel=1e-6)
 
 
 def test_center_update_is_an_ema_of_the_teacher_batch_mean():
     """c <- .9 c + .1 mean(rows): from 0, one update of rows (1, 3) and (3, 5) gives (.2, .4)."""
-    c = common.DINOCenter(2)
+    c = scfs.DINOCenter(2)
     assert torch.equal(c.center, torch.zeros(1, 2))
     c.update(torch.tensor([[1.0, 3.0], [3.0, 5.0]]))
     assert torch.allclose(c.center, torch.tensor([[0.2, 0.4]]))
@@ -172,7 +174,7 @@ def test_center_update_is_an_ema_of_the_teacher_batch_mean():
 def test_teacher_temperature_schedule():
     """linspace(.04, .07, W)[e] for e < W, then .07: W = 30 gives .04 at 0, .07 at 29 and 30,
     .04 + .03 * 15/29 at 15."""
-    t = common.teacher_temperature
+    t = scfs.teacher_temperature
     assert t(0, 0.04, 0.07, 30) == pytest.approx(0.04)
     assert t(29, 0.04, 0.07, 30) == pytest.approx(0.07) and t(30, 0.04, 0.07, 30) == 0.07
     assert t(15, 0.04, 0.07, 30) == pytest.approx(0.04 + 0.03 * 15 / 29)
@@ -182,7 +184,7 @@ def test_teacher_temperature_schedule():
 def test_momentum_schedule_is_dinos_cosine():
     """m_it = 1 - (1 - .996)(1 + cos(pi it / T)) / 2: .996 at 0, rising monotonically towards 1."""
     T = 37
-    m = common.cosine_schedule(0.996, 1.0, T)
+    m = training.cosine_schedule(0.996, 1.0, T)
     it = np.arange(T)
     assert np.allclose(m, 1 - (1 - 0.996) * (1 + np.cos(np.pi * it / T)) / 2, atol=1e-15)
     assert m[0] == pytest.approx(0.996) and np.all(np.diff(m) > 0) and m[-1] < 1
@@ -212,19 +214,19 @@ def test_ema_update_exact_and_buffers_untouched():
 def test_clip_per_tensor_without_grads_and_below_the_limit():
     """No gradients: a zero norm; gradients below the limit are untouched bit for bit."""
     p = nn.Parameter(torch.zeros(3))
-    assert common.clip_per_tensor([p], 3.0).item() == 0
+    assert training.clip_per_tensor([p], 3.0).item() == 0
     p.grad = torch.tensor([0.3, 0.4, 0.0])
-    assert common.clip_per_tensor([p], 3.0).item() == pytest.approx(0.5)
+    assert training.clip_per_tensor([p], 3.0).item() == pytest.approx(0.5)
     assert torch.equal(p.grad, torch.tensor([0.3, 0.4, 0.0]))
 
 
 def test_cancel_last_layer():
     """Gradients of *last_layer* parameters are dropped while epoch < freeze_epochs, kept afterwards."""
-    head = common.DINOHead(4, 6, 8, 4, norm_last_layer=False)
+    head = scfs.DINOHead(4, 6, 8, 4, norm_last_layer=False)
     head(torch.randn(2, 4)).sum().backward()
-    common.cancel_last_layer(head, 1, 1)
+    scfs.cancel_last_layer(head, 1, 1)
     assert all(p.grad is not None for p in head.parameters())
-    common.cancel_last_layer(head, 0, 1)
+    scfs.cancel_last_layer(head, 0, 1)
     assert all((p.grad is None) == ("last_layer" in n) for n, p in head.named_parameters())
 
 
@@ -236,17 +238,17 @@ def test_checkpoint_with_several_encoders(tmp_path):
     cnn, vit = common.resnet("resnet18", cifar_stem=True), common.vit("vit_tiny", 32, 4)
     model = nn.ModuleDict({"cnn": cnn, "vit": vit})
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    cfg = common.TrainConfig(output_dir=str(tmp_path))
+    cfg = training.TrainConfig(output_dir=str(tmp_path))
     path = str(tmp_path / "checkpoint.pth")
     encoders = {"cnn": (cnn, {"model": "resnet18", "input_size": 32, "cifar_stem": True}),
                 "vit": (vit, {"model": "vit_tiny", "input_size": 32, "patch_size": 4})}
-    common.save_checkpoint(cfg, "mokd", model, opt, 1, cpu_context(), encoders=encoders)
+    training.save_checkpoint(cfg, "mokd", model, opt, 1, cpu_context(), encoders=encoders)
     for name, module in (("cnn", cnn), ("vit", vit)):
-        encoder, ckpt, arch = common.load_encoder(path, name)
+        encoder, ckpt, arch = training.load_encoder(path, name)
         assert arch == encoders[name][1]
         assert encoder.state_dict().keys() == module.state_dict().keys()
         assert all(torch.equal(v, module.state_dict()[k]) for k, v in encoder.state_dict().items())
     with pytest.raises(SystemExit, match="cnn, vit; pick one with --encoder"):
-        common.load_encoder(path)
+        training.load_encoder(path)
     with pytest.raises(SystemExit, match="no encoder 'x'"):
-        common.load_encoder(path, "x")
+        training.load_encoder(path, "x")

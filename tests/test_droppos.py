@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import common
 import droppos
+import training
 from common import gather_tokens
 from droppos import (DropPos, position_loss, position_metrics, random_masks,
                      smoothing_map)
@@ -402,7 +403,7 @@ def test_clip_per_tensor_is_dinos_rule():
     grads = [torch.randn(4, 5, generator=g) * 10, torch.randn(7, generator=g) * 0.1, torch.randn(3, 3, generator=g) * 3]
     for p, gr in zip(params, grads):
         p.grad = gr.clone()
-    total = common.clip_per_tensor(params, 5.0)
+    total = training.clip_per_tensor(params, 5.0)
     assert total.item() == pytest.approx(torch.cat([gr.flatten() for gr in grads]).norm().item(), rel=1e-6)
     for p, gr in zip(params, grads):
         coef = 5.0 / (gr.norm() + 1e-6)
@@ -414,13 +415,13 @@ def test_clip_per_tensor_is_dinos_rule():
 def test_build_and_preset():
     """§4: the cifar10 preset keeps every ratio (16 visible, 12 dropped on 8 x 8); --official_smoothing
     is refused where upstream's map is smaller than the grid."""
-    cfg = common.parse_config(droppos.Config, ["--preset", "cifar10"])
+    cfg = training.parse_config(droppos.Config, ["--preset", "cifar10"])
     model = droppos.build(cfg)
     assert (model.encoder.grid, model.num_visible, model.num_keep_pos) == (8, 16, 4)
     assert (model.sigma0, model.attn_guide, model.tau, model.map_grid, model.column_norm) == (1.0, True, 0.1, 8, False)
     with pytest.raises(SystemExit, match="error: --official_smoothing"):
-        droppos.build(common.parse_config(droppos.Config, ["--preset", "cifar10", "--official_smoothing"]))
-    defaults = common.parse_config(droppos.Config, [])
+        droppos.build(training.parse_config(droppos.Config, ["--preset", "cifar10", "--official_smoothing"]))
+    defaults = training.parse_config(droppos.Config, [])
     assert (defaults.epochs, defaults.warmup_epochs, defaults.batch_size, defaults.decoder_depth) == (800, 10, 4096, 2)
 
 

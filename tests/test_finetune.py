@@ -18,6 +18,7 @@ import hpm
 import mokd
 import scfs
 import semaim
+import training
 from conftest import ROOT, cpu_context, make_image_folder, tiny_args
 from test_train import assert_equal_states, free_port
 
@@ -57,7 +58,7 @@ def test_layer_decay_scale_of_every_parameter(global_pool):
         assert got[id(p)][0] == expected, name
     assert len(got) == len(names)
 
-    cfg = common.parse_config(finetune.Config, ["--layer_decay", "0.5", "--epochs", "2", "--warmup_epochs", "1",
+    cfg = training.parse_config(finetune.Config, ["--layer_decay", "0.5", "--epochs", "2", "--warmup_epochs", "1",
                                                 "--batch_size", "256", "--blr", "1e-3"])
     optimizer, schedule = finetune.make_optimizer(model, cfg, steps_per_epoch=4)
     lr = schedule(6)  # in the cosine: 1e-3 -> 1e-6 over steps 4..7
@@ -132,7 +133,7 @@ def test_mixup_and_cutmix_targets_are_convex_combinations_of_one_hot_rows():
 def vit_checkpoint(method, image_root, out):
     """A checkpoint of a method's tiny model whose weights all moved off their initialisation -> (path, its ViT)."""
     module = {"hpm": hpm, "droppos": droppos, "semaim": semaim, "mokd": mokd, "scfs": scfs}[method]
-    cfg = common.parse_config(module.Config, tiny_args(image_root / "train", out, method=method))
+    cfg = training.parse_config(module.Config, tiny_args(image_root / "train", out, method=method))
     torch.manual_seed(1)
     model = module.build(cfg)
     with torch.no_grad():
@@ -146,7 +147,7 @@ def vit_checkpoint(method, image_root, out):
     if method == "scfs":
         extra["encoders"] = {"cnn": (model.teacher["encoder"], {"model": cfg.model, "input_size": cfg.input_size,
                                                                 "cifar_stem": cfg.cifar_stem})}
-    common.save_checkpoint(cfg, method, model, optimizer, 1, cpu_context(), **extra)
+    training.save_checkpoint(cfg, method, model, optimizer, 1, cpu_context(), **extra)
     vit = model.teacher_vit.backbone if method == "mokd" else getattr(model, "encoder", None)
     return str(out / "checkpoint.pth"), vit
 
@@ -169,7 +170,7 @@ def test_pretrained_checkpoint_loads_with_only_head_and_fc_norm_fresh(method, ch
     fc_norm (1, 0) are the only fresh parameters; the checkpoint's final norm is dropped (global pooling, as MAE)."""
     path, vit = checkpoints(method)
     args = ["--preset", "cifar10", "--checkpoint", path, "--model", "vit_small", "--patch_size", "16"]
-    cfg = common.parse_config(finetune.Config, args + (["--encoder", "vit"] if method == "mokd" else []))
+    cfg = training.parse_config(finetune.Config, args + (["--encoder", "vit"] if method == "mokd" else []))
     pretrained, cfg, line = finetune.load_pretrained(cfg)
     assert (cfg.model, cfg.patch_size) == ("vit_tiny", vit.patch_size) and "not --model/--patch_size vit_small/16" in line
     torch.manual_seed(0)
@@ -201,7 +202,7 @@ def test_position_table_resize_keeps_cls_row_and_matches_hand_check(checkpoints)
     assert finetune.interpolate_pos_embed(pos, 2) is pos
 
     path, vit = checkpoints("hpm")
-    cfg = common.parse_config(finetune.Config, ["--preset", "cifar10", "--checkpoint", path, "--input_size", "64"])
+    cfg = training.parse_config(finetune.Config, ["--preset", "cifar10", "--checkpoint", path, "--input_size", "64"])
     pretrained, cfg, line = finetune.load_pretrained(cfg)
     assert line.endswith("position table resized 8x8 -> 16x16")
     model = finetune.build(cfg, num_classes=2, pretrained=pretrained)
@@ -221,7 +222,7 @@ def test_learns_classes_that_differ_in_colour(tmp_path, capsys):
     validation loss below half of ln 3, the loss of the near-silent initial head (which may rank the three colours
     right by chance, so top-1 alone would not show learning)."""
     root = colour_folders(tmp_path / "data")
-    cfg = common.parse_config(finetune.Config, tiny_args(root, tmp_path / "out", method="finetune") + [
+    cfg = training.parse_config(finetune.Config, tiny_args(root, tmp_path / "out", method="finetune") + [
         "--epochs", "5", "--warmup_epochs", "0", "--blr", "0.03", "--layer_decay", "1.0", "--drop_path", "0",
         "--mixup", "0", "--cutmix", "0", "--rand_ops", "0", "--reprob", "0", "--smoothing", "0", "--log_every", "5"])
     model = finetune.main(cfg)
@@ -239,16 +240,16 @@ def test_resume_is_bitwise_identical(image_root, tmp_path, monkeypatch):
     optimizer, evaluations, best top-1 and best checkpoint (every augmentation on: RandAugment, erasing, mixup /
     cutmix, drop path)."""
     def run(out):
-        return finetune.main(common.parse_config(finetune.Config, tiny_args(image_root, tmp_path / out,
+        return finetune.main(training.parse_config(finetune.Config, tiny_args(image_root, tmp_path / out,
                                                                             method="finetune")))
     run("a")
-    save = common.save_checkpoint
+    save = training.save_checkpoint
 
     def save_then_crash(*args, **kwargs):
         save(*args, **kwargs)
         raise KeyboardInterrupt  # as if the job died right after the first epoch's checkpoint (before the best copy)
 
-    monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         run("b")
     assert not os.path.exists(tmp_path / "b" / "checkpoint_best.pth")
@@ -256,7 +257,7 @@ def test_resume_is_bitwise_identical(image_root, tmp_path, monkeypatch):
     run("b")
 
     for name in ("checkpoint.pth", "checkpoint_best.pth"):
-        a, b = (common.load_checkpoint(str(tmp_path / d / name), "finetune") for d in "ab")
+        a, b = (training.load_checkpoint(str(tmp_path / d / name), "finetune") for d in "ab")
         assert a["epoch"] == b["epoch"] and a["best_top1"] == b["best_top1"] and a["best_epoch"] == b["best_epoch"]
         for k in a["model"]:
             assert torch.equal(a["model"][k], b["model"][k]), k
@@ -288,7 +289,7 @@ def test_torchrun_two_processes_evaluate_exactly(tmp_path):
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in log if "top1" not in r] == [0, 1, 2]  # 24 images / (2 ranks x 4) = 3 steps
     evaluation = next(r for r in log if "top1" in r)
-    cfg = common.parse_config(finetune.Config, args)
+    cfg = training.parse_config(finetune.Config, args)
     train_set, val_set = finetune.datasets(cfg)
     model = finetune.build(cfg, num_classes=3)
     model.load_state_dict(s0)
@@ -301,7 +302,7 @@ def test_torchrun_two_processes_evaluate_exactly(tmp_path):
 # --- bad input ------------------------------------------------------------------------------------------------
 def one_line_error(args):
     with pytest.raises(SystemExit) as e:
-        finetune.main(common.parse_config(finetune.Config, args))
+        finetune.main(training.parse_config(finetune.Config, args))
     message = str(e.value)
     assert message.startswith("error: ") and "\n" not in message
     return message

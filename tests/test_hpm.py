@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import common
 import hpm
+import training
 from common import gather_tokens, patchify
 from hpm import (HPM, absolute_loss, ema_momentum, hard_count, mask_order, order_to_mask,
                  predicted_loss, ranking_loss, reconstruction_loss)
@@ -485,7 +486,7 @@ def test_ema_update_after_one_optimizer_step():
     the fixed pos_embed stays bit-identical; the teacher is not in the optimizer."""
     model, x = tiny_hpm(), images()
     teacher0 = {k: v.clone() for k, v in model.teacher.state_dict().items()}
-    optimizer = common.adamw(model, 1e-2, 0.05)
+    optimizer = training.adamw(model, 1e-2, 0.05)
     assert not {id(p) for p in model.teacher.parameters()} & {
         id(p) for group in optimizer.param_groups for p in group["params"]}
     loss, _ = model(x, LATE)
@@ -534,7 +535,7 @@ def test_learning_loss_off_is_plain_mae():
 
 def test_build_wires_config_and_towers_of_equal_depth():
     """§2/§9: build(cfg) gives the configured encoder and two separate towers of the decoder's depth."""
-    cfg = common.parse_config(hpm.Config, [
+    cfg = training.parse_config(hpm.Config, [
         "--model", "vit_tiny", "--input_size", "32", "--patch_size", "4", "--decoder_dim", "32",
         "--decoder_depth", "2", "--decoder_heads", "2", "--mask_ratio", "0.6", "--epochs", "3", "--no-relative"])
     model = hpm.build(cfg)

@@ -11,6 +11,7 @@ import torchvision
 
 import common
 import mokd
+import training
 from conftest import cpu_context
 from mokd import MOKD, THead
 
@@ -37,7 +38,7 @@ def crops(seed=1):
 
 
 def tiny_cfg(*extra):
-    return common.parse_config(mokd.Config, ["--preset", "cifar10", "--micro_batch", str(B), "--batch_size", str(B),
+    return training.parse_config(mokd.Config, ["--preset", "cifar10", "--micro_batch", str(B), "--batch_size", str(B),
                                              "--local_crops", str(N_LOCAL), "--out_dim", str(K), "--hidden_dim", "32",
                                              "--bottleneck_dim", "16", "--thead_depth", "1", "--epochs", "10", *extra])
 
@@ -164,12 +165,12 @@ def test_loss_wiring_temperatures_and_centres(monkeypatch):
     model = tiny_mokd(epochs=100)
     model.center_cnn_mlp.center.fill_(0.5)
     calls = []
-    real = common.dino_loss
+    real = mokd.dino_loss
 
     def spy(student, teacher, center, ts, tt):
         calls.append((student.shape[0], teacher.shape[0], center.clone(), center.data_ptr(), ts, tt))
         return real(student, teacher, center, ts, tt)
-    monkeypatch.setattr(common, "dino_loss", spy)
+    monkeypatch.setattr(mokd, "dino_loss", spy)
     model(crops(), 10 / 100)  # epoch 10
     tau50, tau30 = np.linspace(0.04, 0.07, 50)[10], np.linspace(0.04, 0.07, 30)[10]
     V = 2 + N_LOCAL
@@ -229,7 +230,7 @@ def test_ema_update_is_exact_and_starts_from_the_student():
     """§7.2: teacher == student at step 0; after a step with momentum m every teacher parameter (backbone,
     heads, T-Heads, weight_g) is m * old + (1 - m) * new student; teacher BN buffers are not averaged."""
     cfg = tiny_cfg()
-    common.seed_all(0)
+    training.seed_all(0)
     model = mokd.build(cfg)
     for t, s in ((model.teacher_cnn, model.cnn), (model.teacher_vit, model.vit)):
         assert all(torch.equal(a, b) for a, b in zip(t.parameters(), s.parameters()))
@@ -237,7 +238,7 @@ def test_ema_update_is_exact_and_starts_from_the_student():
     bn_before = model.teacher_cnn.backbone.bn1.running_mean.clone()
     progress = 0.3
     run_step(model, cfg, progress=progress)
-    m = common.teacher_momentum(progress, 0.996)
+    m = mokd.teacher_momentum(progress, 0.996)
     for name, p in model.named_parameters():
         if name.startswith("teacher"):
             student = dict(model.named_parameters())[name.replace("teacher_", "", 1)]
@@ -250,9 +251,9 @@ def test_ema_update_is_exact_and_starts_from_the_student():
 def test_momentum_schedule():
     """§7.3: m(0) = .996, rising monotonically to 1 along DINO's cosine = cosine_schedule(.996, 1, T)[it]."""
     T = 50
-    ours = [common.teacher_momentum(it / T, 0.996) for it in range(T)]
+    ours = [mokd.teacher_momentum(it / T, 0.996) for it in range(T)]
     assert ours[0] == pytest.approx(0.996) and np.all(np.diff(ours) > 0)
-    assert np.allclose(ours, common.cosine_schedule(0.996, 1.0, T), atol=1e-12)
+    assert np.allclose(ours, training.cosine_schedule(0.996, 1.0, T), atol=1e-12)
 
 
 def test_last_layers_frozen_in_the_first_epoch():
@@ -260,7 +261,7 @@ def test_last_layers_frozen_in_the_first_epoch():
     epoch 1 the trainable ones do; the CNN MLP head's g stays exactly 1."""
     cfg = tiny_cfg()
     for epoch, changes in ((0, False), (1, True)):
-        common.seed_all(0)
+        training.seed_all(0)
         model = mokd.build(cfg)
         before = {n: p.clone() for n, p in student_params(model) if "last_layer" in n}
         assert len(before) == 8  # g, v of 2 MLP heads and 2 T-Heads
@@ -279,7 +280,7 @@ def test_optimizer_groups():
     1-D parameters decayed too]; ViT AdamW betas (.9, .999) [ndim >= 2 incl. pos_embed and g, wd], [1-D, 0];
     the frozen CNN MLP g is in no group."""
     cfg = tiny_cfg()
-    common.seed_all(0)
+    training.seed_all(0)
     model = mokd.build(cfg)
     opt, _ = mokd.make_optimizer(model, cfg, steps_per_epoch=1)
     sgd, adamw = opt.optimizers
@@ -302,11 +303,11 @@ def test_optimizer_groups():
 def test_train_step_clips_each_tensor_and_logs():
     """§7.13: per-tensor clipping to 3 (checked on the gradients it leaves, before the optimizer step)."""
     cfg = tiny_cfg()
-    common.seed_all(0)
+    training.seed_all(0)
     model = mokd.build(cfg)
     loss, stats = model(crops(), 0.5)
     loss.backward()
-    common.clip_per_tensor(model.cnn.parameters(), 3.0)
+    training.clip_per_tensor(model.cnn.parameters(), 3.0)
     assert all(p.grad.norm() <= 3.0 + 1e-4 for p in model.cnn.parameters() if p.grad is not None)
     model.zero_grad()
     stats, _ = run_step(model, cfg, progress=0.2)
@@ -316,7 +317,7 @@ def test_train_step_clips_each_tensor_and_logs():
 def test_build_preset_and_synthetic_batch():
     """The cifar10 preset: ResNet-18 with the CIFAR stem (4 x 4 layer4 map = the CNN T-Head grid) + ViT-Tiny/4
     at 32 px; ViT position table learnable (DINO); the teacher ViT has no stochastic depth."""
-    cfg = common.parse_config(mokd.Config, ["--preset", "cifar10"])
+    cfg = training.parse_config(mokd.Config, ["--preset", "cifar10"])
     assert (cfg.cnn_model, cfg.model, cfg.input_size, cfg.patch_size, cfg.cifar_stem) == (
         "resnet18", "vit_tiny", 32, 4, True)
     small = tiny_cfg()

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import common
 import scfs
+import training
 from conftest import cpu_context
 from scfs import SCFS, StageHead, feature_search, search_loss
 
@@ -93,10 +94,10 @@ def test_teacher_starts_as_student_and_ema_is_exact():
 def test_teacher_momentum_schedule():
     """§3: m = 1 - (1 - m0)(1 + cos(pi it / T)) / 2: 0.996 at the start, -> 1; common's per-step schedule."""
     T = 37
-    ref = common.cosine_schedule(0.996, 1.0, T)
-    assert common.teacher_momentum(0.0) == pytest.approx(0.996) and common.teacher_momentum(1.0) == pytest.approx(1.0)
+    ref = training.cosine_schedule(0.996, 1.0, T)
+    assert scfs.teacher_momentum(0.0) == pytest.approx(0.996) and scfs.teacher_momentum(1.0) == pytest.approx(1.0)
     for it in (0, 5, 20, 36):
-        assert common.teacher_momentum(it / T) == pytest.approx(ref[it], abs=1e-12)
+        assert scfs.teacher_momentum(it / T) == pytest.approx(ref[it], abs=1e-12)
 
 
 def test_query_is_stop_grad(monkeypatch):
@@ -299,7 +300,7 @@ def test_schedules():
     assert temps[0] == pytest.approx(0.04) and temps[1] == pytest.approx(0.04 + 0.03 / 49)
     assert temps[49] == pytest.approx(0.07) and temps[50] == temps[199] == pytest.approx(0.07)
     assert model.teacher_temp(0.999999) == pytest.approx(0.07)
-    lrs = common.cosine_schedule(0.1, 0.0048, 200, 20, dino_warmup=True)  # what scfs.make_optimizer uses
+    lrs = training.cosine_schedule(0.1, 0.0048, 200, 20, dino_warmup=True)  # what scfs.make_optimizer uses
     assert lrs[0] == 0 and lrs[19] == pytest.approx(0.1) and lrs[20] == pytest.approx(0.1)
     assert np.all(np.diff(lrs[:20]) > 0) and np.all(np.diff(lrs[20:]) < 0)
     assert 0.0048 < lrs[-1] < 0.0049
@@ -308,7 +309,7 @@ def test_schedules():
 def test_optimizer_groups_and_frozen_last_layer():
     """§3, §7.13: SGD momentum 0.9; weight decay only on ndim >= 2 weights; teacher and the fixed g left
     out; last_layer not updated in epoch 0 (freeze_last_layer 1), updated in epoch 1."""
-    cfg = common.parse_config(scfs.Config, ["--preset", "cifar10", "--micro_batch", str(B), "--batch_size",
+    cfg = training.parse_config(scfs.Config, ["--preset", "cifar10", "--micro_batch", str(B), "--batch_size",
                                             str(B), "--local_crops", str(L), "--device", "cpu"])
     model = tiny()
     opt, schedule = scfs.make_optimizer(model, cfg, steps_per_epoch=1)
@@ -323,7 +324,7 @@ def test_optimizer_groups_and_frozen_last_layer():
     last = model.student["head"].last_layer.parametrizations.weight.original1
     conv = model.student["encoder"].conv1.weight
     for epoch, moves in ((0, False), (1, True)):
-        common.set_lr(opt, 0.1)
+        training.set_lr(opt, 0.1)
         w, c = last.detach().clone(), conv.detach().clone()
         scfs.train_step(model, opt, [batch], epoch / cfg.epochs, cfg, ctx)
         assert torch.equal(last, w) != moves and not torch.equal(conv, c)
@@ -341,11 +342,11 @@ def test_config_preset_and_synthetic_batch(capsys):
     """The cifar10 preset builds ResNet-18 with the CIFAR stem; synthetic_batch has the crop shapes;
     --help renders every field's comment."""
     with pytest.raises(SystemExit) as e:
-        common.parse_config(scfs.Config, ["--help"])
+        training.parse_config(scfs.Config, ["--help"])
     assert e.value.code == 0 and "--no-search" in capsys.readouterr().out
-    cfg = common.parse_config(scfs.Config, ["--preset", "cifar10", "--batch_size", "3"])
+    cfg = training.parse_config(scfs.Config, ["--preset", "cifar10", "--batch_size", "3"])
     assert (cfg.model, cfg.cifar_stem, cfg.input_size, cfg.local_size) == ("resnet18", True, 32, 16)
     shapes = [tuple(x.shape) for x in scfs.synthetic_batch(cfg, "cpu")]
     assert shapes == [(3, 3, 32, 32)] * 2 + [(3, 3, 16, 16)] * cfg.local_crops
-    default = common.parse_config(scfs.Config, [])
+    default = training.parse_config(scfs.Config, [])
     assert (default.model, default.out_dim, default.local_crops, default.batch_size) == ("resnet50", 65536, 8, 256)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import training
 from conftest import unpatchify
 import semaim
 from common import patchify
@@ -347,7 +348,7 @@ def test_every_order_trains_on_odd_grids(kind, img):
 
 def test_a_few_steps_on_one_batch_lower_the_loss():
     model = tiny_semaim(order="raster")  # fixed order: the loss change is the fit only
-    opt = common.adamw(model, 3e-3, 0.05)
+    opt = training.adamw(model, 3e-3, 0.05)
     x = images(4)
     losses = []
     for _ in range(15):
@@ -372,7 +373,7 @@ def test_init_and_parameter_names():
     assert w.abs().max() <= math.sqrt(6 / 64) and w.abs().max() > 0.8 * math.sqrt(6 / 64)
     assert model.query_blocks[0].attn.q.bias.abs().sum() == 0
     assert torch.equal(model.encoder.pos_embed[0], common.sincos_pos_embed(32, G))
-    state = common.export_state(model)
+    state = training.export_state(model)
     vit = common.VisionTransformer(IMG, PATCH, embed_dim=32, depth=2, num_heads=2)
     vit.load_state_dict({k: state[k] for k in vit.state_dict()})
     for k, v in vit.state_dict().items():
@@ -380,15 +381,15 @@ def test_init_and_parameter_names():
 
 
 def test_build_preset_and_bad_flags():
-    cfg = common.parse_config(semaim.Config, ["--preset", "cifar10", "--query_depth", "6"])
+    cfg = training.parse_config(semaim.Config, ["--preset", "cifar10", "--query_depth", "6"])
     model = semaim.build(cfg)
     assert (model.encoder.grid, len(model.query_blocks), model.step, model.order) == (8, 6, 2, "semantic")
-    default = common.parse_config(semaim.Config, [])
+    default = training.parse_config(semaim.Config, [])
     assert (default.blr, default.batch_size, default.clip_grad, default.warmup_epochs, default.norm_pix_loss,
             default.blur_kernel, default.blur_sigma, default.order) == (2e-4, 2048, 3.0, 30, True, 9, 1.0, "semantic")
     for flags, word in ((["--query_depth", "5"], "--query_depth"), (["--order", "snake"], "--order"),
                         (["--blur_kernel", "8"], "--blur_kernel")):
         with pytest.raises(SystemExit) as e:
-            semaim.build(common.parse_config(semaim.Config, ["--preset", "cifar10", *flags]))
+            semaim.build(training.parse_config(semaim.Config, ["--preset", "cifar10", *flags]))
         assert str(e.value).startswith("error: ") and word in str(e.value)
-    assert semaim.build(common.parse_config(semaim.Config, ["--preset", "cifar10", "--blur_kernel", "0"])).blur is None
+    assert semaim.build(training.parse_config(semaim.Config, ["--preset", "cifar10", "--blur_kernel", "0"])).blur is None

@@ -1,4 +1,4 @@
-"""Frozen feature teachers (common.frozen_teacher) and the feature targets they feed: HPM's feature variant and
+"""Frozen feature teachers (teachers.frozen_teacher) and the feature targets they feed: HPM's feature variant and
 SemAIM*. The weight layouts are checked against the reference code that defines them (open_clip, timm)."""
 import pytest
 import torch
@@ -7,6 +7,8 @@ import torch.nn.functional as F
 import common
 import hpm
 import semaim
+import teachers
+import training
 from conftest import TINY, tiny_args, write_timm_vit, write_tiny_clip
 
 
@@ -33,7 +35,7 @@ def spy(monkeypatch, module, *names):
 
 
 def config(module, teacher, *extra):
-    return common.parse_config(module.Config, tiny_args("unused", "unused", "--target", "features", "--teacher",
+    return training.parse_config(module.Config, tiny_args("unused", "unused", "--target", "features", "--teacher",
                                                         teacher, *extra, method=module.__name__))
 
 
@@ -45,16 +47,16 @@ def test_clip_tower_equals_open_clip(quick_gelu, tmp_path):
     path = str(tmp_path / "clip.pt")
     model = write_tiny_clip(path, quick_gelu=quick_gelu)
     act = "quickgelu" if quick_gelu else "gelu"
-    teacher = common.frozen_teacher(path, 32, 4, clip_act=act)
+    teacher = teachers.frozen_teacher(path, 32, 4, clip_act=act)
     x = images()
     model.visual.output_tokens = True
     with torch.no_grad():
-        pooled, patch_tokens = model.visual(renormalise(x, common.CLIP_MEAN, common.CLIP_STD))
+        pooled, patch_tokens = model.visual(renormalise(x, teachers.CLIP_MEAN, teachers.CLIP_STD))
     tokens = teacher(x)
     assert tokens.shape == (2, 1 + 64, 48) and teacher.embed_dim == 48 and teacher.grid == 8
     torch.testing.assert_close(tokens[:, 0], pooled, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tokens[:, 1:], patch_tokens @ model.visual.proj.detach(), atol=1e-5, rtol=1e-5)
-    other = common.frozen_teacher(path, 32, 4, clip_act="gelu" if quick_gelu else "quickgelu")
+    other = teachers.frozen_teacher(path, 32, 4, clip_act="gelu" if quick_gelu else "quickgelu")
     assert (other(x) - tokens).abs().max() > 1e-3
 
 
@@ -64,7 +66,7 @@ def test_openai_archive_loads_every_visual_key(teacher_files, tmp_path):
     rounded to fp16 from an open_clip state dict."""
     archive = torch.jit.load(teacher_files["openai"]).state_dict()
     visual = {k.removeprefix("visual."): v for k, v in archive.items() if k.startswith("visual.")}
-    teacher = common.frozen_teacher(teacher_files["openai"], 32, 4)
+    teacher = teachers.frozen_teacher(teacher_files["openai"], 32, 4)
     loaded = teacher.nets[0].state_dict()
     assert loaded.keys() == visual.keys()
     for k, v in visual.items():
@@ -72,9 +74,9 @@ def test_openai_archive_loads_every_visual_key(teacher_files, tmp_path):
     plain = {k: v.half().float() for k, v in torch.load(teacher_files["clip"], weights_only=True).items()}
     torch.save(plain, tmp_path / "clip_fp16.pt")
     x = images()
-    assert torch.equal(teacher(x), common.frozen_teacher(str(tmp_path / "clip_fp16.pt"), 32, 4)(x))
+    assert torch.equal(teacher(x), teachers.frozen_teacher(str(tmp_path / "clip_fp16.pt"), 32, 4)(x))
     with pytest.raises(SystemExit, match="QuickGELU"):
-        common.frozen_teacher(teacher_files["openai"], 32, 4, clip_act="gelu")
+        teachers.frozen_teacher(teacher_files["openai"], 32, 4, clip_act="gelu")
 
 
 @pytest.mark.parametrize("kind", ["timm", "dino"])
@@ -84,7 +86,7 @@ def test_timm_and_dino_layouts_equal_timm_forward_features(kind, tmp_path):
     normalisation is kept."""
     path = str(tmp_path / f"{kind}.pth")
     model = write_timm_vit(path, wrap=kind == "timm")
-    teacher = common.frozen_teacher(path, 32, 4)
+    teacher = teachers.frozen_teacher(path, 32, 4)
     assert teacher.nets[0].blocks[0].attn.num_heads == 3 and teacher.embed_dim == 192
     x = images()
     with torch.no_grad():
@@ -93,8 +95,8 @@ def test_timm_and_dino_layouts_equal_timm_forward_features(kind, tmp_path):
 
 def test_own_checkpoint_teacher_is_its_encoder(teacher_files):
     """One of our checkpoints: the teacher is its encoder as eval_linear loads it (ImageNet normalisation kept)."""
-    encoder, _, _ = common.load_encoder(teacher_files["own"])
-    teacher = common.frozen_teacher(teacher_files["own"], 32, 4)
+    encoder, _, _ = training.load_encoder(teacher_files["own"])
+    teacher = teachers.frozen_teacher(teacher_files["own"], 32, 4)
     x = images()
     with torch.no_grad():
         assert torch.equal(teacher(x), encoder(x))
@@ -105,12 +107,12 @@ def test_teacher_is_frozen_unsaved_and_moves_with_the_model(teacher_files):
     state dict (so from the checkpoint and the optimizer), is not re-initialised by the model's init, follows
     .to() / .double(), and runs under the step's autocast."""
     cfg = config(hpm, teacher_files["timm"])
-    reference = common.frozen_teacher(teacher_files["timm"], 32, 4)
+    reference = teachers.frozen_teacher(teacher_files["timm"], 32, 4)
     model = hpm.build(cfg).train()
     net = model.feature_teacher.nets[0]
     assert not any(m.training for m in net.modules())
     assert {id(p) for p in net.parameters()}.isdisjoint(id(p) for p in model.parameters())
-    pixels = common.parse_config(hpm.Config, tiny_args("unused", "unused", method="hpm"))
+    pixels = training.parse_config(hpm.Config, tiny_args("unused", "unused", method="hpm"))
     assert model.state_dict().keys() == hpm.build(pixels).state_dict().keys()  # only the head's shape differs
     x = images(4)
     assert torch.equal(model.feature_teacher(x), reference(x))  # the model's init left the weights alone
@@ -130,12 +132,12 @@ def test_feature_distance_is_two_minus_two_cosine():
     """0 when the prediction is the target times a positive scale, 4 when opposite, 2 when orthogonal, summed over
     channels per token."""
     target = torch.randn(3, 5, 16)
-    assert torch.allclose(common.feature_distance(target * 7.5, target), torch.zeros(3, 5), atol=1e-6)
-    assert torch.allclose(common.feature_distance(-0.1 * target, target), torch.full((3, 5), 4.0))
+    assert torch.allclose(teachers.feature_distance(target * 7.5, target), torch.zeros(3, 5), atol=1e-6)
+    assert torch.allclose(teachers.feature_distance(-0.1 * target, target), torch.full((3, 5), 4.0))
     e = torch.eye(2)
-    assert common.feature_distance(e[:1], e[1:]).item() == pytest.approx(2.0)
+    assert teachers.feature_distance(e[:1], e[1:]).item() == pytest.approx(2.0)
     cos = F.cosine_similarity(target[0], target[1], dim=-1)
-    assert torch.allclose(common.feature_distance(target[0], target[1]), 2 - 2 * cos, atol=1e-5)
+    assert torch.allclose(teachers.feature_distance(target[0], target[1]), 2 - 2 * cos, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind,width", [("clip", 48), ("timm", 192), ("own", 192)])
@@ -152,10 +154,10 @@ def test_head_width_follows_the_teacher(kind, width, teacher_files):
 def test_grid_mismatch_names_both_grids(teacher_files):
     """A teacher whose token grid differs from the student's stops with one line naming both grids."""
     with pytest.raises(SystemExit) as e:
-        common.frozen_teacher(teacher_files["clip"], 32, 8)
+        teachers.frozen_teacher(teacher_files["clip"], 32, 8)
     assert str(e.value).startswith("error:") and "8 x 8" in str(e.value) and "4 x 4" in str(e.value)
     with pytest.raises(SystemExit) as e:  # same grid, another image size: the teacher would see other patches
-        common.frozen_teacher(teacher_files["timm"], 64, 8)
+        teachers.frozen_teacher(teacher_files["timm"], 64, 8)
     assert "8 x 8 token grid (32 px, patch 4)" in str(e.value)
 
 
@@ -171,11 +173,11 @@ def test_bad_teacher_files_are_one_line_errors(teacher_files, tmp_path):
              str(tmp_path / "other.pth"): "is neither CLIP", str(tmp_path / "half.pt"): "does not fit a CLIP"}
     for path, message in cases.items():
         with pytest.raises(SystemExit) as e:
-            common.frozen_teacher(path, 32, 4)
+            teachers.frozen_teacher(path, 32, 4)
         assert str(e.value).startswith("error:") and message in str(e.value) and "\n" not in str(e.value)
     for module in (hpm, semaim):
         for args in (["--target", "features"], ["--teacher", teacher_files["clip"]], ["--target", "feature"]):
-            cfg = common.parse_config(module.Config, tiny_args("unused", "unused", *args, method=module.__name__))
+            cfg = training.parse_config(module.Config, tiny_args("unused", "unused", *args, method=module.__name__))
             with pytest.raises(SystemExit, match="^error: "):
                 module.build(cfg)
 
@@ -190,7 +192,7 @@ def test_hpm_ranking_targets_are_the_per_patch_feature_losses(teacher_files, mon
     torch.manual_seed(0)
     _, stats = model(x, 0.9)
     ids_masked = seen["mask_order"][0][:, model.num_visible:]
-    full = model.feature_teacher.nets[0](renormalise(x, common.CLIP_MEAN, common.CLIP_STD))[:, 1:]  # (B, N, C)
+    full = model.feature_teacher.nets[0](renormalise(x, teachers.CLIP_MEAN, teachers.CLIP_STD))[:, 1:]  # (B, N, C)
     target = full[torch.arange(4)[:, None], ids_masked]  # (B, M, C)
     recon = seen["recon"].detach()
     expected = ((recon / recon.norm(dim=-1, keepdim=True) - target / target.norm(dim=-1, keepdim=True)) ** 2).sum(-1)
@@ -237,5 +239,5 @@ def test_semaim_self_targets_are_the_own_unmasked_features(teacher_files):
     loss, _ = model(x)
     assert len(calls) == 1  # targets and centre share the pass
     own = model.own_tokens(x)
-    expected = common.feature_distance(preds[0].detach(), own[:, 1:]).mean()
+    expected = teachers.feature_distance(preds[0].detach(), own[:, 1:]).mean()
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)

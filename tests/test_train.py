@@ -15,6 +15,7 @@ import hpm
 import mokd
 import scfs
 import semaim
+import training
 from conftest import ROOT, make_image_folder, tiny_args
 
 
@@ -67,8 +68,8 @@ def test_torchrun_two_processes_keep_identical_weights(method, teacher, image_ro
     assert s0.keys() == s1.keys()
     for k in s0:
         assert torch.equal(s0[k], s1[k]), k
-    common.seed_all(0)  # rank 0's seed: the same initial weights as the run
-    init = METHODS[method].build(common.parse_config(METHODS[method].Config, args)).state_dict()
+    training.seed_all(0)  # rank 0's seed: the same initial weights as the run
+    init = METHODS[method].build(training.parse_config(METHODS[method].Config, args)).state_dict()
     first_layers = [k for k in init if k.endswith(("blocks.0.attn.qkv.weight", "layer1.0.conv1.weight"))]
     assert first_layers and all(not torch.equal(init[k], s0[k]) for k in first_layers)  # trained
     log = [json.loads(line) for line in open(out / "log.jsonl")]
@@ -100,25 +101,25 @@ def test_resume_is_bitwise_identical(method, teacher, image_root, tmp_path, monk
     module = METHODS[method]
     extra = teacher_args(teacher, request)
     def args(out):
-        return common.parse_config(module.Config,
+        return training.parse_config(module.Config,
                                    tiny_args(image_root / "train", tmp_path / out, *extra, method=method))
 
     model = module.main(args("a"))
 
-    save = common.save_checkpoint
+    save = training.save_checkpoint
 
     def save_then_crash(*args, **kwargs):
         save(*args, **kwargs)
         raise KeyboardInterrupt  # as if the job died right after the first epoch's checkpoint
 
-    monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         module.main(args("b"))
-    assert common.load_checkpoint(str(tmp_path / "b" / "checkpoint.pth"), method)["epoch"] == 1
+    assert training.load_checkpoint(str(tmp_path / "b" / "checkpoint.pth"), method)["epoch"] == 1
     monkeypatch.undo()
     module.main(args("b"))
 
-    a, b = (common.load_checkpoint(str(tmp_path / d / "checkpoint.pth"), method) for d in "ab")
+    a, b = (training.load_checkpoint(str(tmp_path / d / "checkpoint.pth"), method) for d in "ab")
     assert a["epoch"] == b["epoch"] == 2
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -128,7 +129,7 @@ def test_resume_is_bitwise_identical(method, teacher, image_root, tmp_path, monk
 
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in a["model"])
     if teacher:
-        assert a["config"]["teacher"] == extra[-1] and a["model"].keys() == common.export_state(model).keys()
+        assert a["config"]["teacher"] == extra[-1] and a["model"].keys() == training.export_state(model).keys()
         assert not any("feature_teacher" in k for k in a["model"])
     path, state = str(tmp_path / "a" / "checkpoint.pth"), model.state_dict()
     if "encoders" not in a:  # MAE-style: the encoder at the top level under timm's names
@@ -137,7 +138,7 @@ def test_resume_is_bitwise_identical(method, teacher, image_root, tmp_path, monk
     else:  # DINO-style: the teacher encoder(s) under torchvision / timm names, one entry each
         stored = {name: e["state"] for name, e in a["encoders"].items()}
     for name, weights in stored.items():
-        encoder, _, _ = common.load_encoder(path, name)
+        encoder, _, _ = training.load_encoder(path, name)
         assert encoder.state_dict().keys() == weights.keys()
         first = next(iter(weights))  # where in the model this encoder lives, e.g. "teacher_cnn.backbone."
         prefix = next(k[:-len(first)] for k in state if k.endswith(first) and torch.equal(state[k], weights[first]))
@@ -191,7 +192,7 @@ def test_two_agents_as_two_nodes_train_one_epoch(image_root, tmp_path):
 def test_nodes_with_separate_output_folders_stop_before_any_step(image_root, tmp_path):
     """Node-local output folders, a checkpoint in only one: every rank stops before a step, with one line naming a
     rank and host and saying the folder must be shared; nothing is written to either folder."""
-    hpm.main(common.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path / "n0", "--epochs", "1")))
+    hpm.main(training.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path / "n0", "--epochs", "1")))
     (tmp_path / "n1").mkdir()
     os.remove(tmp_path / "n0" / "log.jsonl")
     before = (tmp_path / "n0" / "checkpoint.pth").stat().st_mtime
@@ -262,12 +263,12 @@ def test_cifar10_offline_names_the_fix(monkeypatch, tmp_path):
 
 def test_eval_linear_on_a_tiny_checkpoint(image_root, tmp_path):
     """Loads the student encoder exactly; k=1 k-NN of a set against itself is 100 %."""
-    model = hpm.main(common.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path, "--epochs", "1")))
-    encoder, ckpt, arch = common.load_encoder(str(tmp_path / "checkpoint.pth"))
+    model = hpm.main(training.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path, "--epochs", "1")))
+    encoder, ckpt, arch = training.load_encoder(str(tmp_path / "checkpoint.pth"))
     size = arch["input_size"]
     for k, v in model.encoder.state_dict().items():
         assert torch.equal(encoder.state_dict()[k], v), k
-    cfg = common.parse_config(eval_linear.Config, [
+    cfg = training.parse_config(eval_linear.Config, [
         "--checkpoint", str(tmp_path / "checkpoint.pth"), "--data_path", str(image_root), "--num_workers", "0",
         "--probe_epochs", "30", "--knn_k", "1", "--device", "cpu"])
     result = eval_linear.main(cfg)
@@ -289,12 +290,12 @@ def test_linear_probe_separates_separable_features():
     torch.manual_seed(0)
     y = torch.arange(200) % 4
     x = torch.randn(200, 16) * 0.1 + torch.nn.functional.one_hot(y, 16).float() * 3
-    cfg = common.parse_config(eval_linear.Config, ["--probe_epochs", "20"])
+    cfg = training.parse_config(eval_linear.Config, ["--probe_epochs", "20"])
     assert eval_linear.linear_top1(x, y, x, y, 4, cfg) == 100.0
 
 
 def test_config_preset_and_flags():
     """--preset sets new defaults, explicit flags still win, bools take --no-."""
-    cfg = common.parse_config(hpm.Config, ["--preset", "cifar10", "--epochs", "3", "--no-learning_loss"])
+    cfg = training.parse_config(hpm.Config, ["--preset", "cifar10", "--epochs", "3", "--no-learning_loss"])
     assert (cfg.model, cfg.input_size, cfg.patch_size, cfg.epochs, cfg.learning_loss) == ("vit_tiny", 32, 4, 3, False)
-    assert common.parse_config(hpm.Config, []).batch_size == 2048
+    assert training.parse_config(hpm.Config, []).batch_size == 2048

@@ -20,6 +20,7 @@ from torchvision import transforms
 import common
 import eval_linear
 import hpm
+import training
 from common import clip_indices
 from conftest import DIRECTIONS, ROOT, TINY, make_clip_folder
 from test_train import assert_equal_states
@@ -70,7 +71,7 @@ def test_mask_counts_follow_videomae_and_the_ssv2_preset():
     image rule int(N (1 - r)) would keep 19. The preset's recipe is VideoMAE's SSv2 script."""
     assert visible_count(196, 0.9, clips=True) == 20 and visible_count(196, 0.9) == 19
     assert visible_count(196, 0.75, clips=True) == visible_count(196, 0.75) == 49
-    cfg = common.parse_config(hpm.Config, ["--preset", "ssv2"])
+    cfg = training.parse_config(hpm.Config, ["--preset", "ssv2"])
     slices, locations = cfg.num_frames // cfg.tubelet_size, (cfg.input_size // cfg.patch_size) ** 2
     visible = visible_count(locations, cfg.mask_ratio, clips=True)
     assert (slices * locations, slices * visible, slices * (locations - visible)) == (1568, 160, 1408)
@@ -241,8 +242,8 @@ def test_one_frame_is_the_image_model_bit_for_bit():
     args = ["--preset", "cifar10", *TINY["hpm"]]
     losses, states = [], []
     for extra in ([], ["--num_frames", "1", "--tubelet_size", "1"]):
-        common.seed_all(0)
-        model = hpm.build(common.parse_config(hpm.Config, args + extra))
+        training.seed_all(0)
+        model = hpm.build(training.parse_config(hpm.Config, args + extra))
         states.append(model.state_dict())
         torch.manual_seed(3)
         losses.append(model(imgs, LATE)[0])
@@ -424,8 +425,8 @@ def test_torchrun_two_processes_on_clips(clip_root, tmp_path):
     s0, s1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
     assert any(k.startswith("teacher.") for k in s0)
-    common.seed_all(0)
-    init = hpm.build(common.parse_config(hpm.Config, video_args(clip_root / "train", out))).state_dict()
+    training.seed_all(0)
+    init = hpm.build(training.parse_config(hpm.Config, video_args(clip_root / "train", out))).state_dict()
     assert not torch.equal(init["encoder.patch_embed.proj.weight"], s0["encoder.patch_embed.proj.weight"])
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in log] == list(range(6)) and log[0]["hard_ratio"] > 0  # tubes mined from epoch 0
@@ -435,29 +436,29 @@ def test_resume_on_clips_is_bitwise_identical_and_evaluates(clip_root, tmp_path,
     """2 epochs straight == 1 epoch, crash, automatic resume, 1 epoch (weights and optimizer, bit for bit); the
     checkpoint's video encoder loads exactly and eval_linear.py evaluates it on centre clips."""
     def cfg(out):
-        return common.parse_config(hpm.Config, video_args(clip_root / "train", tmp_path / out))
+        return training.parse_config(hpm.Config, video_args(clip_root / "train", tmp_path / out))
     model = hpm.main(cfg("a"))
-    save = common.save_checkpoint
+    save = training.save_checkpoint
 
     def save_then_crash(*args, **kwargs):
         save(*args, **kwargs)
         raise KeyboardInterrupt
-    monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         hpm.main(cfg("b"))
     monkeypatch.undo()
     hpm.main(cfg("b"))
-    a, b = (common.load_checkpoint(str(tmp_path / d / "checkpoint.pth"), "hpm") for d in "ab")
+    a, b = (training.load_checkpoint(str(tmp_path / d / "checkpoint.pth"), "hpm") for d in "ab")
     assert a["epoch"] == b["epoch"] == 2 and a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert_equal_states(a["optimizer"], b["optimizer"])
 
     path = str(tmp_path / "a" / "checkpoint.pth")
-    encoder, _, arch = common.load_encoder(path)
+    encoder, _, arch = training.load_encoder(path)
     assert (arch["num_frames"], arch["tubelet_size"], arch["input_size"]) == (4, 2, 16) and encoder.time_grid == 2
     for k, v in model.encoder.state_dict().items():
         assert torch.equal(encoder.state_dict()[k], v), k
-    eval_cfg = common.parse_config(eval_linear.Config, [
+    eval_cfg = training.parse_config(eval_linear.Config, [
         "--checkpoint", path, "--data_path", str(clip_root), "--num_workers", "0", "--probe_epochs", "5",
         "--knn_k", "1", "--device", "cpu"])
     result = eval_linear.main(eval_cfg)
@@ -477,5 +478,5 @@ def test_bad_video_settings_are_one_line_errors(clip_root, tmp_path):
                          (["--mask_ratio", "0.05"], "error: --mask_ratio 0.05 leaves 16 of 16"),
                          (["--decoder_dim", "40"], "error: a width of 40")):
         with pytest.raises(SystemExit) as e:
-            hpm.build(common.parse_config(hpm.Config, video_args(clip_root / "train", tmp_path, *extra)))
+            hpm.build(training.parse_config(hpm.Config, video_args(clip_root / "train", tmp_path, *extra)))
         assert str(e.value).startswith(start), str(e.value)
