@@ -48,6 +48,7 @@ class Config(TrainConfig):
     target: str = "pixels"  # pixels (the paper) or features: a --teacher's tokens (upstream --learn_feature_loss)
     teacher: str = ""  # for features: OpenAI's CLIP .pt, an open_clip or DINO/timm ViT state dict, our checkpoint.pth
     clip_act: str = "quickgelu"  # a CLIP teacher's activation: quickgelu (OpenAI's) or gelu (open_clip GELU models)
+    teacher_heads: int = 0  # the teacher's attention heads where its file does not say them; 0: from the file (README)
     epochs: int = 200  # pretraining epochs (PRETRAIN.md: 200; scripts: 800)
     warmup_epochs: int = 40  # linear lr warmup (PRETRAIN.md)
     batch_size: int = 2048  # global batch, the paper's number (PRETRAIN.md: 32 x 8 GPUs x 8 accumulation)
@@ -62,7 +63,7 @@ class Config(TrainConfig):
         "sampling_rate": "[1, inf)", "drop_path": "[0, 1)", "decoder_dim": "[1, inf)",
         "decoder_depth": "[1, inf)", "decoder_heads": "[1, inf)", "mask_ratio": "(0, 1)", "hard_ratio_max": "[0, 1]",
         "warmup_epochs": "[0, inf)", "blr": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)",
-        "clip_grad": "[0, inf)"}
+        "clip_grad": "[0, inf)", "teacher_heads": "[0, inf)"}
     presets: ClassVar[dict] = {
         # ViT-Tiny/4 at 32 px with a light decoder; learns in well under an hour on one GPU.
         "cifar10": dict(model="vit_tiny", input_size=32, patch_size=4, decoder_dim=128, decoder_depth=4,
@@ -360,6 +361,9 @@ def feature_teacher(cfg):
         common.fail("--norm_pix_loss normalises pixel targets; drop it with --target features")
     if cfg.target == "features" and cfg.num_frames > 1:  # our teachers are image models, as the papers'
         common.fail("--target features takes image teachers; clips train on pixels (VideoMAE's targets)")
+    if cfg.teacher_heads and (cfg.target != "features" or not cfg.teacher):
+        common.fail(f"--teacher_heads {cfg.teacher_heads} gives a teacher file's attention heads; it needs --target "
+                    "features --teacher FILE: add them or drop it")
     if cfg.target == "pixels" and not cfg.teacher:
         return None
     try:  # feature targets only: the paper's pixel runs need no teachers.py

@@ -44,6 +44,7 @@ class Config(TrainConfig):
     target: str = "pixels"  # pixels (SemAIM) or features: a --teacher's tokens, SemAIM* (upstream --predict_feature)
     teacher: str = ""  # for features: OpenAI's CLIP .pt, open_clip/DINO/timm state dict, our checkpoint.pth, or self
     clip_act: str = "quickgelu"  # a CLIP teacher's activation: quickgelu (OpenAI's) or gelu (open_clip GELU models)
+    teacher_heads: int = 0  # the teacher's attention heads where its file does not say them; 0: from the file (README)
     epochs: int = 800  # pretraining epochs (README: 800; 400 also reported)
     warmup_epochs: int = 30  # linear lr warmup (README)
     batch_size: int = 2048  # global batch, the paper's number (README: 32 GPUs x 64)
@@ -56,7 +57,7 @@ class Config(TrainConfig):
     limits: ClassVar[dict] = {
         "input_size": "[1, inf)", "patch_size": "[1, inf)", "drop_path": "[0, 1)", "query_depth": "[1, inf)",
         "blur_kernel": "[0, inf)", "blur_sigma": "(0, inf)", "warmup_epochs": "[0, inf)", "blr": "(0, inf)",
-        "min_lr": "[0, inf)", "weight_decay": "[0, inf)", "clip_grad": "[0, inf)"}
+        "min_lr": "[0, inf)", "weight_decay": "[0, inf)", "clip_grad": "[0, inf)", "teacher_heads": "[0, inf)"}
     presets: ClassVar[dict] = {
         # ViT-Tiny/4 at 32 px (8 x 8 grid), a query block after every encoder block as ViT-B; blur 9/1 kept
         # (it fades only a 1-2 pixel rim), everything else as the paper's recipe scaled to one GPU.
@@ -298,6 +299,9 @@ def build(cfg):
 
 def feature_teacher(cfg):
     """The frozen teacher of --target features (None for pixels and for --teacher self: the model's own features)."""
+    if cfg.teacher_heads and (cfg.target != "features" or cfg.teacher in ("", "self")):
+        common.fail(f"--teacher_heads {cfg.teacher_heads} gives a teacher file's attention heads; it needs --target "
+                    "features --teacher FILE: add them or drop it")
     if cfg.target == "pixels" and not cfg.teacher:
         return None
     try:  # feature targets only: the paper's pixel runs need no teachers.py

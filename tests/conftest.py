@@ -1,4 +1,5 @@
 """Shared fixtures: tiny image and clip folders made on the fly (the tests never need a real dataset)."""
+import dataclasses
 import os
 import sys
 
@@ -108,24 +109,38 @@ def tiny_args(data_path, output_dir, *extra, method="hpm"):
 
 # Teacher weight files in the layouts teachers.frozen_teacher reads (tests, and the README's Done-when runs):
 #   python -c "import sys; sys.path.insert(0, 'tests'); import conftest; conftest.write_tiny_clip('tiny_clip.pt')"
-def write_tiny_clip(path, quick_gelu=True, archive=False, seed=0):
-    """A tiny CLIP with random weights (image tower: 32 px, patch 4, 2 blocks of width 128 = 2 heads of 64, 48-d
-    tokens; a 1-block text tower), saved as open_clip's checkpoints are: the plain state dict of open_clip's CLIP
-    (visual.* and the text tower's keys). archive=True saves it as OpenAI's ViT-B-16.pt is instead: a TorchScript
-    archive with fp16 weights and OpenAI's metadata entries. -> the open_clip model (fp32, eval mode)"""
+def write_tiny_clip(path, quick_gelu=True, archive=False, seed=0, width=128, head_width=64, config=None):
+    """A tiny CLIP with random weights (image tower: 32 px, patch 4, 2 blocks of `width` in heads of `head_width`,
+    by default 2 heads of 64; 48-d tokens; a 1-block text tower), saved as open_clip's hub exports are: the plain
+    state dict of open_clip's CLIP (visual.* and the text tower's keys) with open_clip_config.json beside it
+    (config=False: without). archive=True saves it as OpenAI's ViT-B-16.pt is instead: a TorchScript archive of
+    parameters only (as OpenAI's traced module: no head count), fp16 weights and OpenAI's metadata entries, no
+    config beside; archive="scripted": open_clip's CLIP itself through torch.jit.script (its attention records its
+    heads), fp32. -> the open_clip model (fp32, eval mode)"""
+    import json
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
     torch.manual_seed(seed)
-    vision = CLIPVisionCfg(layers=2, width=128, head_width=64, patch_size=4, image_size=32)
-    model = CLIP(embed_dim=48, vision_cfg=vision,
-                 text_cfg=CLIPTextCfg(context_length=8, vocab_size=64, width=64, heads=1, layers=1),
-                 quick_gelu=quick_gelu)
+    vision = CLIPVisionCfg(layers=2, width=width, head_width=head_width, patch_size=4, image_size=32)
+    text = CLIPTextCfg(context_length=8, vocab_size=64, width=64, heads=1, layers=1)
+    model = CLIP(embed_dim=48, vision_cfg=vision, text_cfg=text, quick_gelu=quick_gelu)
     with torch.no_grad():  # open_clip initialises norms to (1, 0) and biases to 0: make every weight matter
         for p in model.parameters():
             p.normal_(0, 0.2)
+    model.eval()
+    if config if config is not None else not archive:  # open_clip's push_to_hf_hub: {model_cfg, preprocess_cfg}
+        model_cfg = dict(embed_dim=48, quick_gelu=quick_gelu, vision_cfg=dataclasses.asdict(vision),
+                         text_cfg=dataclasses.asdict(text))
+        with open(os.path.join(os.path.dirname(os.path.abspath(path)), "open_clip_config.json"), "w") as f:
+            json.dump({"model_cfg": model_cfg, "preprocess_cfg": {"mean": OPENAI_DATASET_MEAN,
+                                                                  "std": OPENAI_DATASET_STD}}, f)
+    if archive == "scripted":
+        torch.jit.script(model).save(path)
+        return model
     state = model.state_dict()
     if not archive:
         torch.save(state, path)
-        return model.eval()
+        return model
     state = {k: v.half() for k, v in state.items()}
     state.update(input_resolution=torch.tensor(32), context_length=torch.tensor(8), vocab_size=torch.tensor(64))
     root = torch.nn.Module()  # a module tree with exactly these names, scripted: a real TorchScript archive
@@ -138,7 +153,7 @@ def write_tiny_clip(path, quick_gelu=True, archive=False, seed=0):
             node = node._modules[p]
         node.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
     torch.jit.script(root).save(path)
-    return model.eval()
+    return model
 
 
 def write_timm_vit(path, wrap=True, seed=0):
@@ -169,12 +184,15 @@ def write_own_checkpoint(output_dir, seed=0):
 
 @pytest.fixture(scope="session")
 def teacher_files(tmp_path_factory):
-    """{kind: path} of one teacher per layout: clip (open_clip), openai (TorchScript), timm, dino, own."""
+    """{kind: path} of one teacher per layout: clip (open_clip with its config), openai (TorchScript, 192 wide:
+    3 heads of 64, as every official tower of that width), timm, dino, own."""
     root = tmp_path_factory.mktemp("teachers")
-    write_tiny_clip(str(root / "clip.pt"))
-    write_tiny_clip(str(root / "openai.pt"), archive=True)
+    for folder in ("clip", "openai"):  # each beside its own open_clip_config.json, or none
+        os.makedirs(root / folder)
+    write_tiny_clip(str(root / "clip" / "clip.pt"))
+    write_tiny_clip(str(root / "openai" / "openai.pt"), archive=True, width=192)  # heads from the official 64
     write_timm_vit(str(root / "timm.pth"))
     write_timm_vit(str(root / "dino.pth"), wrap=False)
     write_own_checkpoint(str(root / "own"))
-    return {"clip": str(root / "clip.pt"), "openai": str(root / "openai.pt"), "timm": str(root / "timm.pth"),
-            "dino": str(root / "dino.pth"), "own": str(root / "own" / "checkpoint.pth")}
+    return {"clip": str(root / "clip" / "clip.pt"), "openai": str(root / "openai" / "openai.pt"),
+            "timm": str(root / "timm.pth"), "dino": str(root / "dino.pth"), "own": str(root / "own" / "checkpoint.pth")}
