@@ -29,7 +29,7 @@ except ModuleNotFoundError:  # this file copied with common.py alone, to reuse t
 # --- config ---------------------------------------------------------------------------------------
 @dataclass
 class Config(TrainConfig):
-    output_dir: str = "./output_hpm"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
+    output_dir: str = "./runs/hpm"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
     model: str = "vit_base"  # encoder: vit_tiny, vit_small, vit_base, vit_large (paper: ViT-B/16, ViT-L/16)
     input_size: int = 224  # image side in pixels
     patch_size: int = 16  # patch side; the grid is input_size // patch_size
@@ -67,7 +67,7 @@ class Config(TrainConfig):
         # ViT-Tiny/4 at 32 px with a light decoder; learns in well under an hour on one GPU.
         "cifar10": dict(model="vit_tiny", input_size=32, patch_size=4, decoder_dim=128, decoder_depth=4,
                         decoder_heads=4, epochs=100, warmup_epochs=10, batch_size=512, micro_batch=256,
-                        num_workers=8, output_dir="./output_hpm_cifar10"),
+                        num_workers=8, output_dir="./runs/hpm_cifar10"),
         # The TPAMI video setting on VideoMAE's SSv2 recipe (scripts/ssv2/videomae_vit_base_patch16_224_tubemasking_
         # ratio_0.9_epoch_800/pretrain.sh and run_mae_pretraining.py): ViT-B, 16 frames x 224 px, 2 x 16 x 16 tubelets,
         # tube masking 0.9, decoder 384 x 4 (6 heads; modeling_pretrain.py), normalised tubelets, 32 x 64 GPUs,
@@ -77,12 +77,12 @@ class Config(TrainConfig):
         "ssv2": dict(model="vit_base", input_size=224, patch_size=16, num_frames=16, tubelet_size=2, sampling_rate=2,
                      mask_ratio=0.9, decoder_dim=384, decoder_depth=4, decoder_heads=6, norm_pix_loss=True,
                      epochs=800, warmup_epochs=40, batch_size=2048, micro_batch=32, blr=1.5e-4, min_lr=8e-5,
-                     clip_grad=0.0, output_dir="./output_hpm_ssv2"),
+                     clip_grad=0.0, output_dir="./runs/hpm_ssv2"),
         # CPU-sized clips: ViT-Tiny, 8 frames x 32 px, 2 x 4 x 4 tubelets (4 x 64 tokens), a light decoder.
         "video_tiny": dict(model="vit_tiny", input_size=32, patch_size=4, num_frames=8, tubelet_size=2,
                            sampling_rate=2, mask_ratio=0.9, decoder_dim=128, decoder_depth=2, decoder_heads=4,
                            norm_pix_loss=True, epochs=20, warmup_epochs=2, batch_size=32, blr=1.5e-3, clip_grad=0.0,
-                           output_dir="./output_hpm_video_tiny"),
+                           output_dir="./runs/hpm_video_tiny"),
     }
 
 

@@ -33,7 +33,7 @@ except ModuleNotFoundError:  # this file copied with common.py alone, to reuse t
 # --- config ---------------------------------------------------------------------------------------
 @dataclass
 class Config(TrainConfig):
-    output_dir: str = "./output_mokd"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
+    output_dir: str = "./runs/mokd"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
     model: str = "vit_small"  # the ViT of the pair: vit_tiny, vit_small, vit_base (README: ViT-S/16)
     cnn_model: str = "resnet50"  # the CNN of the pair, a torchvision ResNet name (README: ResNet-50)
     cifar_stem: bool = False  # CNN stem for 32 px images: 3x3 stride-1 conv, no max-pool (ours, not upstream)
@@ -95,7 +95,7 @@ class Config(TrainConfig):
         # radii (0.1-2 px, meant for 224 px crops) scaled by 32 / 224.
         "cifar10": dict(model="vit_tiny", cnn_model="resnet18", cifar_stem=True, input_size=32, local_size=16,
                         patch_size=4, local_crops=6, out_dim=4096, hidden_dim=1024, epochs=100, batch_size=256,
-                        micro_batch=128, num_workers=8, output_dir="./output_mokd_cifar10",
+                        micro_batch=128, num_workers=8, output_dir="./runs/mokd_cifar10",
                         blur_radius_min=0.1 * 32 / 224, blur_radius_max=2.0 * 32 / 224),
     }
 

@@ -33,7 +33,7 @@ except ModuleNotFoundError:  # this file copied with common.py alone, to reuse t
 # --- config ---------------------------------------------------------------------------------------
 @dataclass
 class Config(TrainConfig):
-    output_dir: str = "./output_scfs"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
+    output_dir: str = "./runs/scfs"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
     model: str = "resnet50"  # torchvision ResNet, student and teacher (README: resnet50; any depth works here)
     cifar_stem: bool = False  # 3x3 stride-1 first conv and no max-pool, for 32 px images
     input_size: int = 224  # side of the 2 global crops (upstream dino_augmentation.py: 224)
@@ -83,7 +83,7 @@ class Config(TrainConfig):
         "cifar10": dict(model="resnet18", cifar_stem=True, input_size=32, local_size=16, local_crops=6,
                         out_dim=4096, stage_hidden=1024, epochs=100, warmup_epochs=10,
                         warmup_teacher_temp_epochs=30, batch_size=256, micro_batch=256, blr=0.3,
-                        weight_decay=5e-4, num_workers=8, output_dir="./output_scfs_cifar10",
+                        weight_decay=5e-4, num_workers=8, output_dir="./runs/scfs_cifar10",
                         blur_radius_min=0.1 * 32 / 224, blur_radius_max=2.0 * 32 / 224),
     }
 

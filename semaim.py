@@ -31,7 +31,7 @@ except ModuleNotFoundError:  # this file copied with common.py alone, to reuse t
 # --- config ---------------------------------------------------------------------------------------
 @dataclass
 class Config(TrainConfig):
-    output_dir: str = "./output_semaim"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
+    output_dir: str = "./runs/semaim"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
     model: str = "vit_base"  # encoder = content stream: vit_tiny, vit_small, vit_base, vit_large (README: aim_base)
     input_size: int = 224  # image side in pixels
     patch_size: int = 16  # patch side; the grid is input_size // patch_size
@@ -62,7 +62,7 @@ class Config(TrainConfig):
         # (it fades only a 1-2 pixel rim), everything else as the paper's recipe scaled to one GPU.
         "cifar10": dict(model="vit_tiny", input_size=32, patch_size=4, query_depth=12, epochs=100,
                         warmup_epochs=10, batch_size=512, micro_batch=256, num_workers=8,
-                        output_dir="./output_semaim_cifar10"),
+                        output_dir="./runs/semaim_cifar10"),
     }
 
 
