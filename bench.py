@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import common
 import training
 
-# The configs of the official-code baselines (tools/anchor_bench; shared/baselines.md), one line each.
+# The configs of the comparison with the official code (docs/results.md), one line each.
 BASELINES = {
     "hpm": ["hpm", "--model", "vit_small", "--input_size", "224", "--patch_size", "16", "--micro_batch", "16"],
     "mae": ["hpm", "--no-learning_loss", "--norm_pix_loss", "--model", "vit_small", "--input_size", "224",

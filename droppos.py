@@ -26,7 +26,7 @@ except ModuleNotFoundError:  # this file copied with common.py alone, to reuse t
 # --- config ---------------------------------------------------------------------------------------
 @dataclass
 class Config(TrainConfig):
-    output_dir: str = "./output_droppos"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
+    output_dir: str = "./runs/droppos"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
     model: str = "vit_base"  # encoder: vit_tiny, vit_small, vit_base, vit_large (paper: ViT-B/16, ViT-L/16)
     input_size: int = 224  # image side in pixels
     patch_size: int = 16  # patch side; the grid is input_size // patch_size
@@ -59,7 +59,7 @@ class Config(TrainConfig):
         # and tau as upstream (the small-scale setting itself is our choice).
         "cifar10": dict(model="vit_tiny", input_size=32, patch_size=4, decoder_dim=128, decoder_depth=2,
                         decoder_heads=4, epochs=100, warmup_epochs=10, batch_size=512, micro_batch=256,
-                        num_workers=8, output_dir="./output_droppos_cifar10"),
+                        num_workers=8, output_dir="./runs/droppos_cifar10"),
     }
 
 

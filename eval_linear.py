@@ -3,7 +3,7 @@ Features are extracted once (ViT: cls token after the final norm; ResNet: global
 of the patch tokens of one centre clip per video, VideoMAE's pooling), then
 k-NN is DINO's weighted vote (k=20, T=0.07, cosine similarity) and the linear probe is MAE's head
 (BatchNorm without affine + linear layer) trained with SGD on the cached features.
-Run: python eval_linear.py --checkpoint output_hpm/checkpoint.pth --data_path /imagenet  (train/ and val/)
+Run: python eval_linear.py --checkpoint runs/hpm/checkpoint.pth --data_path /imagenet  (train/ and val/)
      (a video checkpoint: data_path holds train/ and val/ folders of class folders of videos)
 The last line printed is JSON with knn_top1 and linear_top1 (percent)."""
 import json

@@ -3,7 +3,7 @@ the ViT encoder of any of our checkpoints (or a fresh ViT) gets a linear head on
 trained whole with MAE's recipe (official FINETUNE.md, main_finetune.py): layer-wise lr decay, AdamW, drop path,
 RandAugment, random erasing, mixup / cutmix with label smoothing. Top-1 and top-5 on the validation set after
 every epoch; the last and the best checkpoint are kept.
-Run: torchrun --nproc_per_node=8 finetune.py --checkpoint output_hpm/checkpoint.pth --data_path /imagenet
+Run: torchrun --nproc_per_node=8 finetune.py --checkpoint runs/hpm/checkpoint.pth --data_path /imagenet
 (data_path holds train/ and val/ ImageFolders). The last line printed is JSON with top1, top5 and best_top1.
 Shapes: B batch, N patches, D width, C classes.
 To reuse: copy this file, common.py and training.py."""
@@ -30,7 +30,7 @@ import training
 @dataclass
 class Config(training.TrainConfig):
     data_path: str = ""  # root holding train/ and val/ (or test/) ImageFolders, or the word cifar10 (train / test)
-    output_dir: str = "./output_finetune"  # checkpoint.pth (last), checkpoint_best.pth, log.jsonl; rerun to resume
+    output_dir: str = "./runs/finetune"  # checkpoint.pth (last), checkpoint_best.pth, log.jsonl; rerun to resume
     checkpoint: str = ""  # checkpoint.pth of hpm, droppos, semaim or mokd (--encoder vit); empty: from scratch
     encoder: str = ""  # which encoder of a multi-encoder checkpoint (MOKD: vit); default: the only one
     model: str = "vit_base"  # vit_tiny|small|base|large; a --checkpoint brings its own (FINETUNE.md: ViT-B/16)
@@ -68,7 +68,7 @@ class Config(training.TrainConfig):
         # of at least 35 % of the image, since a 0.08 crop of a 32 px image is a 9 px blur.
         "cifar10": dict(model="vit_tiny", input_size=32, patch_size=4, epochs=100, warmup_epochs=5, batch_size=512,
                         micro_batch=256, blr=5e-4, layer_decay=0.75, crop_scale=0.35, num_workers=8,
-                        output_dir="./output_finetune_cifar10"),
+                        output_dir="./runs/finetune_cifar10"),
     }
 
 

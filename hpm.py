@@ -29,7 +29,7 @@ except ModuleNotFoundError:  # this file copied with common.py alone, to reuse t
 # --- config ---------------------------------------------------------------------------------------
 @dataclass
 class Config(TrainConfig):
-    output_dir: str = "./output_hpm"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
+    output_dir: str = "./runs/hpm"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
     model: str = "vit_base"  # encoder: vit_tiny, vit_small, vit_base, vit_large (paper: ViT-B/16, ViT-L/16)
     input_size: int = 224  # image side in pixels
     patch_size: int = 16  # patch side; the grid is input_size // patch_size
@@ -48,7 +48,7 @@ class Config(TrainConfig):
     target: str = "pixels"  # pixels (the paper) or features: a --teacher's tokens (upstream --learn_feature_loss)
     teacher: str = ""  # for features: OpenAI's CLIP .pt, an open_clip or DINO/timm ViT state dict, our checkpoint.pth
     clip_act: str = "quickgelu"  # a CLIP teacher's activation: quickgelu (OpenAI's) or gelu (open_clip GELU models)
-    teacher_heads: int = 0  # the teacher's attention heads where its file does not say them; 0: from the file (README)
+    teacher_heads: int = 0  # teacher heads where its file states none; 0: from the file (docs/feature-targets.md)
     epochs: int = 200  # pretraining epochs (PRETRAIN.md: 200; scripts: 800)
     warmup_epochs: int = 40  # linear lr warmup (PRETRAIN.md)
     batch_size: int = 2048  # global batch, the paper's number (PRETRAIN.md: 32 x 8 GPUs x 8 accumulation)
@@ -68,7 +68,7 @@ class Config(TrainConfig):
         # ViT-Tiny/4 at 32 px with a light decoder; learns in well under an hour on one GPU.
         "cifar10": dict(model="vit_tiny", input_size=32, patch_size=4, decoder_dim=128, decoder_depth=4,
                         decoder_heads=4, epochs=100, warmup_epochs=10, batch_size=512, micro_batch=256,
-                        num_workers=8, output_dir="./output_hpm_cifar10"),
+                        num_workers=8, output_dir="./runs/hpm_cifar10"),
         # The TPAMI video setting on VideoMAE's SSv2 recipe (scripts/ssv2/videomae_vit_base_patch16_224_tubemasking_
         # ratio_0.9_epoch_800/pretrain.sh and run_mae_pretraining.py): ViT-B, 16 frames x 224 px, 2 x 16 x 16 tubelets,
         # tube masking 0.9, decoder 384 x 4 (6 heads; modeling_pretrain.py), normalised tubelets, 32 x 64 GPUs,
@@ -78,12 +78,12 @@ class Config(TrainConfig):
         "ssv2": dict(model="vit_base", input_size=224, patch_size=16, num_frames=16, tubelet_size=2, sampling_rate=2,
                      mask_ratio=0.9, decoder_dim=384, decoder_depth=4, decoder_heads=6, norm_pix_loss=True,
                      epochs=800, warmup_epochs=40, batch_size=2048, micro_batch=32, blr=1.5e-4, min_lr=8e-5,
-                     clip_grad=0.0, output_dir="./output_hpm_ssv2"),
+                     clip_grad=0.0, output_dir="./runs/hpm_ssv2"),
         # CPU-sized clips: ViT-Tiny, 8 frames x 32 px, 2 x 4 x 4 tubelets (4 x 64 tokens), a light decoder.
         "video_tiny": dict(model="vit_tiny", input_size=32, patch_size=4, num_frames=8, tubelet_size=2,
                            sampling_rate=2, mask_ratio=0.9, decoder_dim=128, decoder_depth=2, decoder_heads=4,
                            norm_pix_loss=True, epochs=20, warmup_epochs=2, batch_size=32, blr=1.5e-3, clip_grad=0.0,
-                           output_dir="./output_hpm_video_tiny"),
+                           output_dir="./runs/hpm_video_tiny"),
     }
 
 

@@ -33,20 +33,20 @@ except ModuleNotFoundError:  # this file copied with common.py alone, to reuse t
 # --- config ---------------------------------------------------------------------------------------
 @dataclass
 class Config(TrainConfig):
-    output_dir: str = "./output_mokd"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
-    model: str = "vit_small"  # the ViT of the pair: vit_tiny, vit_small, vit_base (README: ViT-S/16)
-    cnn_model: str = "resnet50"  # the CNN of the pair, a torchvision ResNet name (README: ResNet-50)
+    output_dir: str = "./runs/mokd"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
+    model: str = "vit_small"  # the ViT of the pair: vit_tiny, vit_small, vit_base (official README: ViT-S/16)
+    cnn_model: str = "resnet50"  # the CNN of the pair, a torchvision ResNet name (official README: ResNet-50)
     cifar_stem: bool = False  # CNN stem for 32 px images: 3x3 stride-1 conv, no max-pool (ours, not upstream)
     input_size: int = 224  # global crop side (upstream dino_augmentation.py: 224)
     local_size: int = 96  # local crop side (upstream dino_augmentation.py: 96)
-    patch_size: int = 16  # ViT patch side (README: 16)
-    local_crops: int = 8  # n local crops per image, at least 1: the search loss lives on them (README: 8)
-    global_scale_min: float = 0.25  # global crops cover (this, 1) of the image; locals (local_scale_min, this) (README)
-    local_scale_min: float = 0.05  # lower area bound of the local crops (README)
+    patch_size: int = 16  # ViT patch side (official README: 16)
+    local_crops: int = 8  # n local crops per image, at least 1: the search loss lives on them (official README: 8)
+    global_scale_min: float = 0.25  # global crops cover (this, 1) of the image; locals (local_scale_min, this)
+    local_scale_min: float = 0.05  # lower area bound of the local crops (official README)
     blur_radius_min: float = 0.1  # Gaussian blur radius range in pixels, all crops (DINO utils.py: 0.1 to 2)
     blur_radius_max: float = 2.0  # its upper end
-    drop_path: float = 0.1  # stochastic depth of the ViT student (README: 0.1); its teacher uses 0
-    out_dim: int = 65536  # K, outputs of every head (README)
+    drop_path: float = 0.1  # stochastic depth of the ViT student (official README: 0.1); its teacher uses 0
+    out_dim: int = 65536  # K, outputs of every head (official README)
     hidden_dim: int = 2048  # MLP head width (upstream models/mokd.py)
     bottleneck_dim: int = 256  # MLP head bottleneck before the weight-normed last layer (upstream models/mokd.py)
     thead_depth: int = 3  # T-Head blocks (upstream main_mokd.py: 3)
@@ -55,29 +55,29 @@ class Config(TrainConfig):
     norm_last_layer_vit: bool = False  # freeze g of the ViT MLP head's last layer (main_mokd.py: False, hard-coded)
     cross: bool = True  # cross-distillation; --no-cross (with --no-thead): two independent DINO runs
     thead: bool = True  # the T-Heads (self-distilled, and the search when --cross)
-    lambda_cnn: float = 1.0  # lambda_c, weight of the CNN's cross terms (README: 1.0)
-    lambda_vit: float = 0.1  # lambda_t, weight of the ViT's cross terms (README: 0.1)
-    warmup_teacher_temp: float = 0.04  # teacher temperature at epoch 0 (README: 0.04)
-    teacher_temp: float = 0.07  # teacher temperature after its warmup (README: 0.07)
-    teacher_temp_epochs_cnn: int = 50  # warmup of the CNN's self terms L_sm, L_st (README: 50)
-    teacher_temp_epochs_vit: int = 30  # warmup of the other six terms (README: 30; upstream main_mokd.py)
+    lambda_cnn: float = 1.0  # lambda_c, weight of the CNN's cross terms (official README: 1.0)
+    lambda_vit: float = 0.1  # lambda_t, weight of the ViT's cross terms (official README: 0.1)
+    warmup_teacher_temp: float = 0.04  # teacher temperature at epoch 0 (official README: 0.04)
+    teacher_temp: float = 0.07  # teacher temperature after its warmup (official README: 0.07)
+    teacher_temp_epochs_cnn: int = 50  # warmup of the CNN's self terms L_sm, L_st (official README: 50)
+    teacher_temp_epochs_vit: int = 30  # warmup of the other six terms (official README: 30; upstream main_mokd.py)
     student_temp: float = 0.1  # tau_s of every term (upstream models/mokd.py)
     center_momentum: float = 0.9  # centre EMA (upstream models/mokd.py)
-    momentum_teacher: float = 0.996  # EMA momentum at step 0, cosine to 1 (README, upstream main_mokd.py)
-    epochs: int = 100  # pretraining epochs (README: 100)
-    warmup_epochs: int = 10  # linear lr warmup of both optimizers (README)
-    batch_size: int = 256  # global batch (README: 16 GPUs x 16)
+    momentum_teacher: float = 0.996  # EMA momentum at step 0, cosine to 1 (official README, upstream main_mokd.py)
+    epochs: int = 100  # pretraining epochs (official README: 100)
+    warmup_epochs: int = 10  # linear lr warmup of both optimizers (official README)
+    batch_size: int = 256  # global batch (official README: 16 GPUs x 16)
     micro_batch: int = 16  # per-device batch (speed/memory only); if not given, the largest divisor of it up to this
-    blr_cnn: float = 0.1  # CNN SGD lr per 256 images (README: 0.1); lr = blr * batch_size / 256
-    blr_vit: float = 3e-4  # ViT AdamW lr per 256 images, also the CNN T-Head's (README: 3e-4; main_mokd.py)
+    blr_cnn: float = 0.1  # CNN SGD lr per 256 images (official README: 0.1); lr = blr * batch_size / 256
+    blr_vit: float = 3e-4  # ViT AdamW lr per 256 images, also the CNN T-Head's (official README: 3e-4; main_mokd.py)
     min_lr_cnn: float = 0.0048  # end of the CNN's cosine lr (hard-coded in main_mokd.py)
     min_lr_vit: float = 1e-5  # end of the ViT's (and CNN T-Head's) cosine lr (hard-coded in main_mokd.py)
     weight_decay_cnn: float = 1e-4  # constant SGD weight decay of the CNN's matrices (hard-coded in main_mokd.py)
     weight_decay_vit: float = 0.04  # start of the ViT (and CNN T-Head) weight-decay cosine (hard-coded in main_mokd.py)
     weight_decay_vit_end: float = 0.4  # its end (hard-coded in main_mokd.py)
-    clip_grad_cnn: float = 3.0  # per-tensor gradient clipping of the CNN (README: 3); 0: off
-    clip_grad_vit: float = 3.0  # per-tensor gradient clipping of the ViT (README: 3); 0: off
-    freeze_last_layer: int = 1  # epochs without updates of every *last_layer* parameter (README: 1)
+    clip_grad_cnn: float = 3.0  # per-tensor gradient clipping of the CNN (official README: 3); 0: off
+    clip_grad_vit: float = 3.0  # per-tensor gradient clipping of the ViT (official README: 3); 0: off
+    freeze_last_layer: int = 1  # epochs without updates of every *last_layer* parameter (official README: 1)
 
     limits: ClassVar[dict] = {
         "input_size": "[1, inf)", "local_size": "[1, inf)", "patch_size": "[1, inf)", "local_crops": "[1, inf)",
@@ -95,7 +95,7 @@ class Config(TrainConfig):
         # radii (0.1-2 px, meant for 224 px crops) scaled by 32 / 224.
         "cifar10": dict(model="vit_tiny", cnn_model="resnet18", cifar_stem=True, input_size=32, local_size=16,
                         patch_size=4, local_crops=6, out_dim=4096, hidden_dim=1024, epochs=100, batch_size=256,
-                        micro_batch=128, num_workers=8, output_dir="./output_mokd_cifar10",
+                        micro_batch=128, num_workers=8, output_dir="./runs/mokd_cifar10",
                         blur_radius_min=0.1 * 32 / 224, blur_radius_max=2.0 * 32 / 224),
     }
 
@@ -567,7 +567,7 @@ def train_step(ddp, optimizer, micro_batches, progress, cfg, ctx):
 
 
 def encoders(model, cfg):
-    """The teachers' backbones (what upstream evaluates, README) under torchvision / timm names."""
+    """The teachers' backbones (what upstream evaluates, its README) under torchvision / timm names."""
     return {"cnn": (model.teacher_cnn.backbone, {"model": cfg.cnn_model, "input_size": cfg.input_size,
                                                  "cifar_stem": cfg.cifar_stem}),
             "vit": (model.teacher_vit.backbone, {"model": cfg.model, "input_size": cfg.input_size,

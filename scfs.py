@@ -33,15 +33,15 @@ except ModuleNotFoundError:  # this file copied with common.py alone, to reuse t
 # --- config ---------------------------------------------------------------------------------------
 @dataclass
 class Config(TrainConfig):
-    output_dir: str = "./output_scfs"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
-    model: str = "resnet50"  # torchvision ResNet, student and teacher (README: resnet50; any depth works here)
+    output_dir: str = "./runs/scfs"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
+    model: str = "resnet50"  # torchvision ResNet, student and teacher (official README: resnet50; any depth works here)
     cifar_stem: bool = False  # 3x3 stride-1 first conv and no max-pool, for 32 px images
     input_size: int = 224  # side of the 2 global crops (upstream dino_augmentation.py: 224)
     local_size: int = 96  # side of the local crops (upstream dino_augmentation.py: 96)
     local_crops: int = 8  # number of local crops L (upstream main_scfs.py: 8)
-    global_scale_min: float = 0.25  # global crops cover 0.25-1 of the image area (README; code default .4)
-    local_scale_min: float = 0.05  # local crops cover 0.05-0.25 of it (README)
-    local_scale_max: float = 0.25  # upper end of the local-crop scale (README: 0.25; code default 0.4)
+    global_scale_min: float = 0.25  # global crops cover 0.25-1 of the image area (official README; code default .4)
+    local_scale_min: float = 0.05  # local crops cover 0.05-0.25 of it (official README)
+    local_scale_max: float = 0.25  # upper end of the local-crop scale (official README: 0.25; code default 0.4)
     blur_radius_min: float = 0.1  # Gaussian blur radius range in pixels, all crops (DINO utils.py: 0.1 to 2)
     blur_radius_max: float = 2.0  # its upper end
     search: bool = True  # the stage-wise feature search; --no-search is plain DINO, the paper's baseline
@@ -53,18 +53,18 @@ class Config(TrainConfig):
     stage_hidden: int = 2048  # BN-MLP width of each stage head (upstream models/scfs.py: 2048)
     stage_dim: int = 256  # stage head output D, softmax taken over it directly (upstream models/scfs.py: 256)
     student_temp: float = 0.1  # tau_s (upstream models/scfs.py)
-    teacher_temp: float = 0.07  # tau_t after its warm-up (README)
-    warmup_teacher_temp: float = 0.04  # tau_t at epoch 0 (README)
-    warmup_teacher_temp_epochs: int = 50  # linear tau_t ramp, per epoch (README: 50)
+    teacher_temp: float = 0.07  # tau_t after its warm-up (official README)
+    warmup_teacher_temp: float = 0.04  # tau_t at epoch 0 (official README)
+    warmup_teacher_temp_epochs: int = 50  # linear tau_t ramp, per epoch (official README: 50)
     center_momentum: float = 0.9  # all four centers (upstream models/scfs.py)
     momentum_teacher: float = 0.996  # EMA momentum, cosine to 1 per step (upstream main_scfs.py)
-    epochs: int = 200  # pretraining epochs (README: 200; 800 for the long run)
+    epochs: int = 200  # pretraining epochs (official README: 200; 800 for the long run)
     warmup_epochs: int = 10  # linear lr warm-up (upstream main_scfs.py)
-    batch_size: int = 256  # global batch (README: 8 GPUs x 32)
+    batch_size: int = 256  # global batch (official README: 8 GPUs x 32)
     micro_batch: int = 32  # per-device batch (speed/memory only); if not given, the largest divisor of it up to this
-    blr: float = 0.1  # SGD base lr; lr = blr * batch_size / 256 (README)
-    min_lr: float = 0.0048  # end of the cosine, absolute (README)
-    weight_decay: float = 1e-4  # SGD momentum 0.9; constant; none on biases and BN (README, upstream utils/utils.py)
+    blr: float = 0.1  # SGD base lr; lr = blr * batch_size / 256 (official README)
+    min_lr: float = 0.0048  # end of the cosine, absolute (official README)
+    weight_decay: float = 1e-4  # SGD momentum 0.9; constant; none on biases and BN (official README, utils/utils.py)
     clip_grad: float = 3.0  # per-tensor gradient-norm clip, DINO style (upstream main_scfs.py)
     freeze_last_layer: int = 1  # epochs in which the DINO head's last layer is not updated (upstream main_scfs.py)
 
@@ -83,7 +83,7 @@ class Config(TrainConfig):
         "cifar10": dict(model="resnet18", cifar_stem=True, input_size=32, local_size=16, local_crops=6,
                         out_dim=4096, stage_hidden=1024, epochs=100, warmup_epochs=10,
                         warmup_teacher_temp_epochs=30, batch_size=256, micro_batch=256, blr=0.3,
-                        weight_decay=5e-4, num_workers=8, output_dir="./output_scfs_cifar10",
+                        weight_decay=5e-4, num_workers=8, output_dir="./runs/scfs_cifar10",
                         blur_radius_min=0.1 * 32 / 224, blur_radius_max=2.0 * 32 / 224),
     }
 

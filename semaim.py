@@ -31,28 +31,28 @@ except ModuleNotFoundError:  # this file copied with common.py alone, to reuse t
 # --- config ---------------------------------------------------------------------------------------
 @dataclass
 class Config(TrainConfig):
-    output_dir: str = "./output_semaim"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
-    model: str = "vit_base"  # encoder = content stream: vit_tiny, vit_small, vit_base, vit_large (README: aim_base)
+    output_dir: str = "./runs/semaim"  # checkpoint.pth, log.jsonl, config.json; rerun to resume
+    model: str = "vit_base"  # encoder = content stream: vit_tiny ... vit_large (official README: aim_base)
     input_size: int = 224  # image side in pixels
     patch_size: int = 16  # patch side; the grid is input_size // patch_size
     drop_path: float = 0.0  # stochastic depth of both streams (official models_semaim.py: 0 in pretraining)
-    query_depth: int = 12  # query-stream blocks, one after every depth // query_depth encoder blocks (README: 12)
+    query_depth: int = 12  # query-stream blocks, one after every depth // query_depth encoder blocks (official: 12)
     order: str = "semantic"  # semantic (SemAIM, upstream attention_center), stochastic (SAIM), raster (row-major)
-    blur_kernel: int = 9  # side of the Gaussian blur of the pixel targets (none for features); 0: no blur (README: 9)
-    blur_sigma: float = 1.0  # its standard deviation in pixels (README: 1)
-    norm_pix_loss: bool = True  # per-patch normalised pixel targets, unbiased var + 1e-6 (README command: on)
+    blur_kernel: int = 9  # side of the Gaussian blur of the pixel targets (none for features); 0: none (official: 9)
+    blur_sigma: float = 1.0  # its standard deviation in pixels (official README: 1)
+    norm_pix_loss: bool = True  # per-patch normalised pixel targets, unbiased var + 1e-6 (official README command: on)
     target: str = "pixels"  # pixels (SemAIM) or features: a --teacher's tokens, SemAIM* (upstream --predict_feature)
     teacher: str = ""  # for features: OpenAI's CLIP .pt, open_clip/DINO/timm state dict, our checkpoint.pth, or self
     clip_act: str = "quickgelu"  # a CLIP teacher's activation: quickgelu (OpenAI's) or gelu (open_clip GELU models)
-    teacher_heads: int = 0  # the teacher's attention heads where its file does not say them; 0: from the file (README)
-    epochs: int = 800  # pretraining epochs (README: 800; 400 also reported)
-    warmup_epochs: int = 30  # linear lr warmup (README)
-    batch_size: int = 2048  # global batch, the paper's number (README: 32 GPUs x 64)
+    teacher_heads: int = 0  # teacher heads where its file states none; 0: from the file (docs/feature-targets.md)
+    epochs: int = 800  # pretraining epochs (official README: 800; 400 also reported)
+    warmup_epochs: int = 30  # linear lr warmup (official README)
+    batch_size: int = 2048  # global batch, the paper's number (official README: 32 GPUs x 64)
     micro_batch: int = 64  # per-device batch (speed/memory only); if not given, the largest divisor of it up to this
-    blr: float = 2e-4  # base lr; lr = blr * batch_size / 256 = 1.6e-3 (README)
+    blr: float = 2e-4  # base lr; lr = blr * batch_size / 256 = 1.6e-3 (official README)
     min_lr: float = 0.0  # end of the cosine decay (upstream main_pretrain.py)
     weight_decay: float = 0.05  # AdamW, betas (0.9, 0.95); no decay on biases and norms (upstream main_pretrain.py)
-    clip_grad: float = 3.0  # global grad-norm clip (README command: 3.0); 0: none
+    clip_grad: float = 3.0  # global grad-norm clip (official README command: 3.0); 0: none
 
     limits: ClassVar[dict] = {
         "input_size": "[1, inf)", "patch_size": "[1, inf)", "drop_path": "[0, 1)", "query_depth": "[1, inf)",
@@ -63,7 +63,7 @@ class Config(TrainConfig):
         # (it fades only a 1-2 pixel rim), everything else as the paper's recipe scaled to one GPU.
         "cifar10": dict(model="vit_tiny", input_size=32, patch_size=4, query_depth=12, epochs=100,
                         warmup_epochs=10, batch_size=512, micro_batch=256, num_workers=8,
-                        output_dir="./output_semaim_cifar10"),
+                        output_dir="./runs/semaim_cifar10"),
     }
 
 
@@ -319,7 +319,7 @@ def make_optimizer(model, cfg, steps_per_epoch):
 
 def train_step(ddp, optimizer, micro_batches, progress, cfg, ctx):
     """One optimizer step (also timed by bench.py): the mean loss over the micro-batches, the global grad-norm
-    clip (3, the README command), AdamW. -> the step's stats."""
+    clip (3, the official README command), AdamW. -> the step's stats."""
     model = training.unwrap(ddp)
     stats = training.forward_backward(ddp, micro_batches, progress, ctx)  # means over the micro-batches
     ctx.scaler.unscale_(optimizer)

@@ -249,7 +249,8 @@ def read_weights(path):
     read_safetensors; anything else through torch.load(weights_only=True), which unpickles tensors and plain
     containers only. -> (state, facts): facts are a TorchScript archive's attributes (read_torchscript), else None."""
     if not os.path.isfile(path):
-        fail(f"--teacher {path} is not a file; pass a CLIP, DINO/timm ViT or our checkpoint.pth (README: teachers)")
+        fail(f"--teacher {path} is not a file; pass a CLIP, DINO/timm ViT or our checkpoint.pth "
+             "(docs/feature-targets.md)")
     try:
         with open(path, "rb") as f:
             head = f.read(9)
@@ -363,7 +364,7 @@ def teacher_tower(path, state, facts, clip_act, heads=0):
             name = f"DINO/timm ViT ({depth} x {dim}, {heads} heads)"
         else:
             fail(f"--teacher {path} is neither CLIP (visual.conv1.weight), a DINO/timm ViT (patch_embed.proj.weight) "
-                 f"nor our checkpoint (its first keys: {', '.join(list(state)[:3])}); README: teachers")
+                 f"nor our checkpoint (its first keys: {', '.join(list(state)[:3])}); see docs/feature-targets.md")
     except (KeyError, IndexError) as e:
         fail(f"--teacher {path} looks like a {kind} but lacks {e}; pass a standard checkpoint")
     problem = mismatch(net.state_dict(), state)
@@ -384,8 +385,8 @@ def target_teacher(cfg, self_ok=False):
             fail(f"--teacher {cfg.teacher} is read only with --target features; add it or drop --teacher")
         return None
     if not cfg.teacher:
-        fail("--target features needs --teacher PATH: a CLIP, DINO/timm ViT or our checkpoint.pth (README)"
-             + (", or self (the model's own features)" if self_ok else ""))
+        fail("--target features needs --teacher PATH: a CLIP, DINO/timm ViT or our checkpoint.pth "
+             "(docs/feature-targets.md)" + (", or self (the model's own features)" if self_ok else ""))
     if self_ok and cfg.teacher == "self":
         return None
     return frozen_teacher(cfg.teacher, cfg.input_size, cfg.patch_size, cfg.clip_act, cfg.teacher_heads)

@@ -565,7 +565,7 @@ class TrainConfig:
     Config extends it, redeclaring a field where its own default differs (the paper's epochs and batch size)."""
     data_path: str = ""  # ImageFolder of training images (one sub-folder per class), or the word cifar10
     data_root: str = "./data"  # where --data_path cifar10 is downloaded to
-    output_dir: str = "./output"  # checkpoint.pth, log.jsonl, config.json; rerun the same command to resume
+    output_dir: str = "./runs/run"  # checkpoint.pth, log.jsonl, config.json; rerun the same command to resume
     limit: int = 0  # train on at most this many images, evenly spaced so every class stays (a quick check); 0: all
     epochs: int = 100  # training epochs
     batch_size: int = 256  # global batch over all processes and accumulation steps (the paper's number)

@@ -35,7 +35,7 @@ def error_of(call):
 # --- short runs: warm-ups longer than the run are cut off at its end ----------------------------------------
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_one_epoch_with_the_presets_own_warmup(name, image_root, tmp_path, capsys):
-    """--preset cifar10 --epochs 1 with the preset's 10 warm-up epochs (issue 15's crash): 3 steps, the lr rising at
+    """--preset cifar10 --epochs 1 with the preset's 10 warm-up epochs (once a crash): 3 steps, the lr rising at
     every step and never reaching its peak, DINO-style schedules still in their warm-up, one line saying so."""
     module = SCRIPTS[name]
     data = image_root if name == "finetune" else image_root / "train"  # fine-tuning reads train/ and val/

@@ -1,5 +1,5 @@
 """Tests of common.py: timm-compatible ViT, MAE's position embedding and patch layout, schedules,
-parameter groups, attention masks, state export/import (STYLE.md; specs/hpm.md §2, §5, §9)."""
+parameter groups, attention masks, state export/import."""
 import json
 import math
 import socket
@@ -55,13 +55,13 @@ def tiny_hpm(seed=0):
 
 # --- ViT ------------------------------------------------------------------------------------------
 def test_vit_state_dict_has_timm_names_and_shapes():
-    """STYLE.md/§2: the encoder's state dict uses timm's ViT names and shapes (loads into timm strictly)."""
+    """The encoder's state dict uses timm's ViT names and shapes (loads into timm strictly)."""
     vit = common.VisionTransformer(32, 4, 64, 2, 4)
     assert {k: tuple(v.shape) for k, v in vit.state_dict().items()} == timm_vit_keys(64, 2, 4, 8)
 
 
 def test_vit_sizes_and_parameter_count_match_timm():
-    """§2: vit_* widths/depths/heads as timm's vit_*_patch16_224; vit_tiny/16 has timm's 5,524,416 params."""
+    """vit_* widths/depths/heads as timm's vit_*_patch16_224; vit_tiny/16 has timm's 5,524,416 params."""
     assert common.VIT_SIZES == {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6),
                                 "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
     vit = common.vit("vit_tiny", 224, 16)
@@ -69,7 +69,7 @@ def test_vit_sizes_and_parameter_count_match_timm():
 
 
 def test_vit_pos_embed_fixed_and_cls_row_zero():
-    """§2: the encoder's 2-D sin-cos embedding is fixed (no gradient) with a zero cls slot."""
+    """The encoder's 2-D sin-cos embedding is fixed (no gradient) with a zero cls slot."""
     vit = common.VisionTransformer(32, 4, 64, 2, 4)
     assert not vit.pos_embed.requires_grad
     assert torch.equal(vit.pos_embed[0], common.sincos_pos_embed(64, 8))
@@ -78,7 +78,7 @@ def test_vit_pos_embed_fixed_and_cls_row_zero():
 
 @pytest.mark.parametrize("dim,grid", [(32, 4), (64, 8), (768, 14)])
 def test_sincos_pos_embed_matches_mae_numpy(dim, grid):
-    """§2: fixed 2-D sin-cos = MAE's get_2d_sincos_pos_embed (first half columns, sin then cos)."""
+    """Fixed 2-D sin-cos = MAE's get_2d_sincos_pos_embed (first half columns, sin then cos)."""
     ours = common.sincos_pos_embed(dim, grid)
     ref = torch.from_numpy(mae_2d_sincos(dim, grid, cls_token=True)).float()
     assert ours.shape == (1 + grid * grid, dim) and ours.dtype == torch.float32
@@ -89,7 +89,7 @@ def test_sincos_pos_embed_matches_mae_numpy(dim, grid):
 
 
 def test_attention_bool_mask_true_means_may_attend():
-    """STYLE.md: Attention's boolean attn_mask (True = may attend) = softmax with -inf on masked keys."""
+    """Attention's boolean attn_mask (True = may attend) = softmax with -inf on masked keys."""
     torch.manual_seed(0)
     attn = common.Attention(16, 4)
     B, T, H, dh = 2, 7, 4, 4
@@ -112,7 +112,7 @@ def test_attention_bool_mask_true_means_may_attend():
 
 # --- patches --------------------------------------------------------------------------------------
 def test_patchify_unpatchify_round_trip():
-    """§3.6: patchify is exactly inverted by MAE's unpatchify layout (and vice versa) for a square grid."""
+    """patchify is exactly inverted by MAE's unpatchify layout (and vice versa) for a square grid."""
     torch.manual_seed(0)
     imgs = torch.randn(2, 3, 32, 32)
     patches = common.patchify(imgs, 4)
@@ -123,7 +123,7 @@ def test_patchify_unpatchify_round_trip():
 
 
 def test_patchify_layout_is_raster_patches_of_row_col_channel():
-    """§3.6: patch k = (row k // g, col k % g), its values laid out (row, col, channel) as MAE."""
+    """Patch k = (row k // g, col k % g), its values laid out (row, col, channel) as MAE."""
     torch.manual_seed(0)
     p, g = 4, 8
     imgs = torch.randn(2, 3, p * g, p * g)
@@ -138,7 +138,7 @@ def test_patchify_layout_is_raster_patches_of_row_col_channel():
 
 
 def test_gather_tokens_picks_rows():
-    """§9: gather_tokens(x, ids)[b, k] = x[b, ids[b, k]]."""
+    """gather_tokens(x, ids)[b, k] = x[b, ids[b, k]]."""
     torch.manual_seed(0)
     x, ids = torch.randn(3, 10, 5), torch.randint(0, 10, (3, 4))
     expected = torch.stack([x[b, ids[b]] for b in range(3)])
@@ -147,7 +147,7 @@ def test_gather_tokens_picks_rows():
 
 # --- optimisation ---------------------------------------------------------------------------------
 def test_cosine_schedule_warmup_then_half_cosine():
-    """§3.1/§5: linear warmup from 0 to base, then half-cosine to final; midpoint = (base + final) / 2."""
+    """Linear warmup from 0 to base, then half-cosine to final; midpoint = (base + final) / 2."""
     base, final, total, warm = 1.0, 0.1, 110, 10
     s = training.cosine_schedule(base, final, total, warm)
     assert s.shape == (total,) and s[0] == 0
@@ -160,7 +160,7 @@ def test_cosine_schedule_warmup_then_half_cosine():
 
 
 def test_cosine_schedule_is_maes_per_iteration_rule():
-    """§3.1: per iteration on the fractional epoch, as MAE's util/lr_sched.adjust_learning_rate."""
+    """Per iteration on the fractional epoch, as MAE's util/lr_sched.adjust_learning_rate."""
     lr, min_lr, epochs, warmup, steps = 2e-3, 1e-5, 10, 2, 7
     s = training.cosine_schedule(lr, min_lr, epochs * steps, warmup * steps)
     for step in range(epochs * steps):
@@ -173,7 +173,7 @@ def test_cosine_schedule_is_maes_per_iteration_rule():
 
 
 def test_param_groups_decay_iff_matrix_and_trainable():
-    """§5/STYLE.md: weight decay exactly on trainable params with ndim >= 2; frozen ones left out."""
+    """Weight decay exactly on trainable params with ndim >= 2; frozen ones left out."""
     model = tiny_hpm()
     decay, no_decay = training.param_groups(model, 0.05)
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
@@ -189,7 +189,7 @@ def test_param_groups_decay_iff_matrix_and_trainable():
 
 # --- checkpoints ----------------------------------------------------------------------------------
 def test_export_import_state_round_trip():
-    """STYLE.md: exported keys drop the 'encoder.' prefix (timm's names at the top level) and
+    """Exported keys drop the 'encoder.' prefix (timm's names at the top level) and
     import_state restores the model exactly."""
     model = tiny_hpm(seed=0)
     state = training.export_state(model)
@@ -207,7 +207,7 @@ def test_export_import_state_round_trip():
 
 
 def test_import_state_mismatch_is_one_line_error():
-    """STYLE.md: weights that do not fit stop with `error: ...; ...`, not a traceback."""
+    """Weights that do not fit stop with `error: ...; ...`, not a traceback."""
     state = training.export_state(tiny_hpm())
     state.pop("norm.weight")
     state["pos_embed"] = torch.zeros(1, 5, 32)
@@ -223,7 +223,7 @@ def test_import_state_mismatch_is_one_line_error():
 
 
 def test_checkpoint_save_load_round_trip(tmp_path):
-    """STYLE.md: checkpoint.pth holds method, model, optimizer, next epoch; loads with weights_only."""
+    """checkpoint.pth holds method, model, optimizer, next epoch; loads with weights_only."""
     model = tiny_hpm()
     optimizer = training.adamw(model, 1e-3, 0.05)
     path = str(tmp_path / "checkpoint.pth")

@@ -1,7 +1,8 @@
-"""Tests of the DINO machinery in common.py (used by mokd.py and scfs.py): ResNet features, position-table
-resizing, multi-crop, the DINO head, the centred loss, centre, temperature and momentum schedules, EMA,
-per-tensor clipping, last-layer freezing, several optimizers as one, multi-encoder checkpoints
-(specs/mokd.md §2, §3, §7; values worked out by hand)."""
+"""Tests of the DINO machinery MOKD and SCFS share (scfs.py, with checked copies in mokd.py; ResNets, the position
+table and EMA in common.py; clipping and checkpoints in training.py): ResNet features, position-table resizing,
+multi-crop, the DINO head, the centred loss, centre, temperature and momentum schedules, EMA, per-tensor
+clipping, last-layer freezing, several optimizers as one, multi-encoder checkpoints (values worked out by hand,
+and against DINO's main_dino.py and utils.py)."""
 import copy
 import math
 

@@ -1,4 +1,5 @@
-"""Tests of droppos.py against specs/droppos.md (section numbers in each docstring; §7 = invariants).
+"""Tests of droppos.py: the invariants of DropPos (arXiv 2309.03576) and its official code (models_DropPos_mae.py,
+engine_pretrain.py).
 Tiny models only: 32 px images, patch 4 -> an 8 x 8 grid, N = 64 patches, K = 16 visible, of which 4 keep
 their position embedding and 12 get the mask token. tests/test_train.py runs its training program."""
 import math
@@ -85,9 +86,9 @@ def upstream_loss(model, x, ids_keep, drop, smooth):
     return loss, acc1
 
 
-# --- masks and position dropping (§3.3-3.5, §7.1-3) ------------------------------------------------
+# --- masks and position dropping -------------------------------------------------------------------
 def test_exact_visible_kept_and_dropped_counts():
-    """§7.1: K = int(N(1-gamma)) distinct visible patches per image, exactly int(K(1-rho)) keep their PE."""
+    """K = int(N(1-gamma)) distinct visible patches per image, exactly int(K(1-rho)) keep their PE."""
     torch.manual_seed(0)
     ids_keep, drop = random_masks(256, N, K, KEEP, "cpu")
     assert ids_keep.shape == drop.shape == (256, K) and drop.dtype == torch.bool
@@ -100,9 +101,9 @@ def test_exact_visible_kept_and_dropped_counts():
 
 
 def test_encoder_sees_true_pe_on_kept_and_mask_token_on_dropped_tokens(monkeypatch):
-    """§3.4/§7.1: each encoder input token is its patch embedding plus either its own PE (K_keep of
+    """Each encoder input token is its patch embedding plus either its own PE (K_keep of
     them) or the one shared mask_pos_token (K_drop of them); nothing for the masked patches. The
-    similarity pass sees all N patches with their true PEs (§3.6)."""
+    similarity pass sees all N patches with their true PEs."""
     model, x = tiny_droppos(), images()
     calls = spy_on_masks(monkeypatch)
     inputs = []
@@ -119,7 +120,7 @@ def test_encoder_sees_true_pe_on_kept_and_mask_token_on_dropped_tokens(monkeypat
 
 
 def test_pe_drop_is_a_uniform_subset_independent_of_the_patch_mask():
-    """§7.2: every cell is visible w.p. K/N and visible-and-dropped w.p. K_drop/N; which visible tokens
+    """Every cell is visible w.p. K/N and visible-and-dropped w.p. K_drop/N; which visible tokens
     lose their PE does not depend on their place in the visible order."""
     torch.manual_seed(0)
     B = 20000
@@ -133,7 +134,7 @@ def test_pe_drop_is_a_uniform_subset_independent_of_the_patch_mask():
 
 
 def test_decoder_has_no_position_embedding_and_predicts_all_cells():
-    """§2/§7.3: no decoder PE; logits (B, K, N) over all N cells; [CLS] gets PE row 0 = zeros."""
+    """No decoder PE; logits (B, K, N) over all N cells; [CLS] gets PE row 0 = zeros."""
     model = tiny_droppos()
     assert not [n for n in dict(model.named_parameters()) | dict(model.named_buffers())
                 if "pos" in n and n not in ("encoder.pos_embed", "mask_pos_token")]
@@ -142,10 +143,10 @@ def test_decoder_has_no_position_embedding_and_predicts_all_cells():
     assert model.position_logits(images(), ids_keep, drop).shape == (4, K, N)
 
 
-# --- position smoothing and its schedule (§3.8-3.9, §6.1, §6.12, §7.5-7) ----------------------------
+# --- position smoothing and its schedule ------------------------------------------------------------
 @pytest.mark.parametrize("grid", [3, 8, 14])
 def test_smoothing_map_is_the_identity_at_sigma_zero(grid):
-    """§7.6-7: S(0) = I exactly; a tiny sigma (1/800, the last of 800 epochs) underflows to I, no NaN."""
+    """S(0) = I exactly; a tiny sigma (1/800, the last of 800 epochs) underflows to I, no NaN."""
     for sigma in (0.0, 1 / 800):
         s = smoothing_map(grid, sigma)
         assert torch.equal(s, torch.eye(grid * grid))
@@ -153,7 +154,7 @@ def test_smoothing_map_is_the_identity_at_sigma_zero(grid):
 
 
 def test_smoothing_map_values_at_sigma_one_by_hand():
-    """§3.8: W = exp(-d^2 / sigma^2) on a 3 x 3 grid, each row divided by its sum (ours)."""
+    """W = exp(-d^2 / sigma^2) on a 3 x 3 grid, each row divided by its sum (ours)."""
     e = math.exp
     s = smoothing_map(3, 1.0)
     centre = 1 + 4 * e(-1) + 4 * e(-2)  # itself, 4 edge neighbours at d^2 = 1, 4 corners at d^2 = 2
@@ -166,7 +167,7 @@ def test_smoothing_map_values_at_sigma_one_by_hand():
 
 
 def test_smoothing_map_rows_sum_to_one_with_the_peak_on_the_diagonal():
-    """§7.6 (our normalisation): rows sum to 1; on 14 x 14 at sigma 1: S[c,c] = 0.3182 and 0.1171 to the
+    """Rows sum to 1; on 14 x 14 at sigma 1: S[c,c] = 0.3182 and 0.1171 to the
     4 neighbours at c = (7,7), S[0,0] = 0.5203; each row's maximum on the diagonal."""
     for sigma in (1.0, 0.5, 0.3):
         s = smoothing_map(14, sigma)
@@ -179,7 +180,7 @@ def test_smoothing_map_rows_sum_to_one_with_the_peak_on_the_diagonal():
 
 
 def test_official_smoothing_map_as_released():
-    """§6.1/§6.12/§7.6: upstream's columns sum to 1 and rows to 0.886..1.110 on 14 x 14; the released 16-grid
+    """Upstream's columns sum to 1 and rows to 0.886..1.110 on 14 x 14; the released 16-grid
     map puts its 0.1171 neighbours of (7,7) on cells (7,6), (7,8), (6,5), (8,9), and 0.151 of (0,13) on
     (1,0); its row slices sum to 0.659 (label 195)..1.110. Both equal upstream's loop formula."""
     col = smoothing_map(14, 1.0, column_norm=True)
@@ -203,7 +204,7 @@ def test_official_smoothing_map_as_released():
 
 @pytest.mark.parametrize("epochs,steps", [(10, 1), (10, 7), (800, 3)])
 def test_sigma_schedule(epochs, steps):
-    """§3.9/§7.7: sigma_e = sigma0 (1 - e/E), constant within epoch e, non-increasing, sigma_0 = sigma0,
+    """sigma_e = sigma0 (1 - e/E), constant within epoch e, non-increasing, sigma_0 = sigma0,
     sigma_{E-1} = sigma0/E > 0; without decay it stays sigma0."""
     model = tiny_droppos(epochs=epochs)
     values = []
@@ -217,9 +218,9 @@ def test_sigma_schedule(epochs, steps):
     assert tiny_droppos(epochs=epochs, sigma=0.7, sigma_decay=False).sigma(0.9) == 0.7
 
 
-# --- loss, gradients, attentive weights (§3.6, §3.10, §7.8-11) --------------------------------------
+# --- loss, gradients, attentive weights -------------------------------------------------------------
 def test_loss_is_ln_n_at_uniform_logits_and_sigma_zero():
-    """§7.8: all-equal logits and one-hot targets give ln N whatever the weights; through the model too."""
+    """All-equal logits and one-hot targets give ln N whatever the weights; through the model too."""
     targets = torch.eye(N)[torch.randint(N, (3, K))]
     for weights in (torch.ones(3, K), torch.rand(3, K) * (torch.rand(3, K) > 0.5)):
         weights[0, 0] = 1.0
@@ -234,7 +235,7 @@ def test_loss_is_ln_n_at_uniform_logits_and_sigma_zero():
 
 
 def test_loss_equals_cross_entropy_over_dropped_tokens_at_sigma_zero(monkeypatch):
-    """§7.8: sigma = 0 and attn_guide off: L = F.cross_entropy averaged over the PE-dropped tokens."""
+    """sigma = 0 and attn_guide off: L = F.cross_entropy averaged over the PE-dropped tokens."""
     model, x = tiny_droppos(sigma=0.0, attn_guide=False), images()
     calls = spy_on_masks(monkeypatch)
     torch.manual_seed(3)
@@ -246,7 +247,7 @@ def test_loss_equals_cross_entropy_over_dropped_tokens_at_sigma_zero(monkeypatch
 
 @pytest.mark.parametrize("official", [False, True])
 def test_loss_and_acc1_equal_the_upstream_computation(official, monkeypatch):
-    """§3.4-3.11: forward's loss and weighted accuracy equal upstream's gather-cat-restore forward with
+    """Forward's loss and weighted accuracy equal upstream's gather-cat-restore forward with
     the similarity weights and the smoothing map: the released one (official_smoothing, a 48 px / patch 8
     model so the 8 x 8 map covers the 6 x 6 grid) or ours (rows normalised, on the 6 x 6 grid)."""
     model, x = tiny_droppos(img=48, patch=8, official_smoothing=official), images(size=48)
@@ -262,7 +263,7 @@ def test_loss_and_acc1_equal_the_upstream_computation(official, monkeypatch):
 
 
 def test_no_gradient_from_tokens_that_kept_their_pe(monkeypatch):
-    """§7.9: the logits of tokens that kept their PE (and of [CLS]) get zero gradient; changing them
+    """The logits of tokens that kept their PE (and of [CLS]) get zero gradient; changing them
     changes neither the loss nor the gradient of the others."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, K, N, generator=g, requires_grad=True)
@@ -294,7 +295,7 @@ def test_no_gradient_from_tokens_that_kept_their_pe(monkeypatch):
 
 
 def test_attention_weights_are_a_gradient_free_distribution_over_visible_tokens():
-    """§3.6/§7.10: positive, sum to 1 per image, no grad path even for inputs with grad; softmax over all N
+    """Positive, sum to 1 per image, no grad path even for inputs with grad; softmax over all N
     of cos(cls, patch)/0.1 of the full-image pass, gathered and renormalised; mask-independent."""
     model, x = tiny_droppos(), images()
     ids_keep, _ = random_masks(4, N, K, KEEP, "cpu")
@@ -309,7 +310,7 @@ def test_attention_weights_are_a_gradient_free_distribution_over_visible_tokens(
 
 
 def test_pe_table_gets_no_gradient_everything_else_does():
-    """§7.11: after backward the PE table has no gradient; mask_pos_token, cls_token, patch embed,
+    """After backward the PE table has no gradient; mask_pos_token, cls_token, patch embed,
     encoder and decoder all have nonzero gradients."""
     model = tiny_droppos()
     loss, _ = model(images(), 0.5)
@@ -322,9 +323,9 @@ def test_pe_table_gets_no_gradient_everything_else_does():
             "decoder_blocks.0.attn.qkv.weight"} <= {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-# --- leaks, determinism, diagnostics (§7.4, §7.12-13, §8) -------------------------------------------
+# --- leaks, determinism, diagnostics ----------------------------------------------------------------
 def test_constant_image_gives_identical_logits_for_all_dropped_tokens(monkeypatch):
-    """§7.4/§8 leak check: on a constant image every PE-dropped token gets the same logits, so at most one
+    """On a constant image every PE-dropped token gets the same logits, so at most one
     of them per image can be right (unweighted accuracy <= 1/K_drop)."""
     model = tiny_droppos()
     x = torch.full((4, 3, IMG, IMG), 0.7)
@@ -340,7 +341,7 @@ def test_constant_image_gives_identical_logits_for_all_dropped_tokens(monkeypatc
 
 
 def test_permuting_the_visible_tokens_permutes_the_logits():
-    """§7.4: the token order carries no position: permuting the encoder input (and the labels and drop
+    """The token order carries no position: permuting the encoder input (and the labels and drop
     flags with it) permutes each token's logits and leaves the loss unchanged."""
     model, x = tiny_droppos(), images()
     ids_keep, drop = random_masks(4, N, K, KEEP, "cpu")
@@ -355,7 +356,7 @@ def test_permuting_the_visible_tokens_permutes_the_logits():
 
 
 def test_step_is_deterministic_given_the_rng_state():
-    """§7.12: the same seed gives the same loss and statistics bit for bit."""
+    """The same seed gives the same loss and statistics bit for bit."""
     model, x = tiny_droppos(), images()
     results = []
     for _ in range(2):
@@ -366,7 +367,7 @@ def test_step_is_deterministic_given_the_rng_state():
 
 
 def test_position_metrics_by_hand():
-    """§7.13/§8: accuracy 1 with zero grid error for one-hot logits at the labels; a fixed offset of
+    """Accuracy 1 with zero grid error for one-hot logits at the labels; a fixed offset of
     (0, +1), (+1, +1) and (+2, +2) cells gives errors 1, sqrt 2, sqrt 8 and within-1 1, 1, 0; only
     PE-dropped tokens count for the unweighted metrics; random logits are near chance 1/N."""
     labels = torch.tensor([[G * 2 + 2, G * 3 + 3, G * 4 + 1, 5]])  # cells (2,2), (3,3), (4,1), (0,5)
@@ -396,7 +397,7 @@ def test_forward_stats_are_detached_scalars():
 
 
 def test_clip_per_tensor_is_dinos_rule():
-    """§3.12: each gradient on its own: g * clip / (|g| + 1e-6) where that factor is below 1, else
+    """Each gradient on its own: g * clip / (|g| + 1e-6) where that factor is below 1, else
     untouched bit for bit; returns the global norm before clipping."""
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.zeros(s)) for s in ((4, 5), (7,), (3, 3))]
@@ -413,7 +414,7 @@ def test_clip_per_tensor_is_dinos_rule():
 
 
 def test_build_and_preset():
-    """§4: the cifar10 preset keeps every ratio (16 visible, 12 dropped on 8 x 8); --official_smoothing
+    """The cifar10 preset keeps every ratio (16 visible, 12 dropped on 8 x 8); --official_smoothing
     is refused where upstream's map is smaller than the grid."""
     cfg = training.parse_config(droppos.Config, ["--preset", "cifar10"])
     model = droppos.build(cfg)

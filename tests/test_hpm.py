@@ -1,4 +1,5 @@
-"""Tests of hpm.py against specs/hpm.md (section numbers in each docstring; §8 = testable invariants).
+"""Tests of hpm.py: the invariants of HPM (arXiv 2304.05919) and its official code (models_mae_learn_loss.py,
+engine_pretrain.py).
 Tiny models only: 32 px images, patch 4 -> N = 64 patches, K = 16 visible, M = 48 masked."""
 import math
 
@@ -108,7 +109,7 @@ def mae_reference(model, x, ids_shuffle):
 
 
 def brute_force_ranking(pred, target):
-    """§3.7 literally: BCE of sigmoid(q_j - q_i) vs [l_j > l_i] over ordered pairs i != j of one image,
+    """BCE of sigmoid(q_j - q_i) vs [l_j > l_i] over ordered pairs i != j of one image,
     ties skipped; -> (sum of terms, number of valid pairs)."""
     total, count = 0.0, 0
     for b in range(pred.shape[0]):
@@ -126,10 +127,10 @@ def brute_force_ranking(pred, target):
 TIED_TARGET = torch.tensor([[0.3, 0.1, 0.3, 0.7, 0.1, 0.2], [1.0, 2.0, 2.0, 2.0, 0.5, 3.0]])
 
 
-# --- masks (§3.4, §8.1-4) ----------------------------------------------------------------------------
+# --- masks -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("num_hard", [0, 1, 24, M])
 def test_exact_visible_and_masked_counts(num_hard):
-    """§8.1: each image has exactly K = int(N(1-r)) visible and N - K masked patches, for any n_hard."""
+    """Each image has exactly K = int(N(1-r)) visible and N - K masked patches, for any n_hard."""
     torch.manual_seed(0)
     B = 128
     ids = mask_order(B, N, "cpu", torch.randn(B, N), num_hard)
@@ -139,15 +140,15 @@ def test_exact_visible_and_masked_counts(num_hard):
     assert not mask.gather(1, ids[:, :K]).any() and mask.gather(1, ids[:, K:]).all()  # first K visible
 
 
-def test_visible_count_is_49_of_196_at_spec_scale():
-    """§3/§8.1: K = floor(196 * 0.25) = 49 visible, M = 147 masked for a 14x14 grid at r = 0.75."""
+def test_visible_count_is_49_of_196_at_the_paper_scale():
+    """K = floor(196 * 0.25) = 49 visible, M = 147 masked for a 14x14 grid at r = 0.75."""
     model = hpm_196(epochs=200)
     assert (model.num_visible, model.num_masked) == (49, 147)
 
 
 @pytest.mark.parametrize("num_hard", [1, 24, M])
 def test_top_scoring_patches_always_masked(num_hard):
-    """§3.4/§8.2: the n_hard highest-scoring patches of each image are always masked."""
+    """The n_hard highest-scoring patches of each image are always masked."""
     torch.manual_seed(0)
     scores = torch.randn(512, N)
     mask = order_to_mask(mask_order(512, N, "cpu", scores, num_hard), K)
@@ -155,7 +156,7 @@ def test_top_scoring_patches_always_masked(num_hard):
 
 
 def test_forward_masks_the_teachers_top_patches(monkeypatch):
-    """§3.3-3.4: forward scores the full image with the teacher and hides its n_hard top patches."""
+    """Forward scores the full image with the teacher and hides its n_hard top patches."""
     model, x = tiny_hpm(), images()
     calls = spy_on_mask_order(monkeypatch)
     encoder_inputs = []
@@ -174,8 +175,8 @@ def test_forward_masks_the_teachers_top_patches(monkeypatch):
     assert stats["hard_ratio"].item() == pytest.approx(24 / M)
 
 
-def test_hard_count_schedule_matches_spec():
-    """§3.4/§8.2: n_hard = floor(M*0.5*(e+1)/T); final 73 at M = 147; random only for epochs 0-1
+def test_hard_count_schedule_matches_the_official_one():
+    """n_hard = floor(M*0.5*(e+1)/T); final 73 at M = 147; random only for epochs 0-1
     (T=200), 0-9 (T=800), 0-20 (T=1600)."""
     m = 196 - int(196 * (1 - 0.75))
     for epochs, last_random in [(200, 1), (800, 9), (1600, 20)]:
@@ -187,7 +188,7 @@ def test_hard_count_schedule_matches_spec():
 
 @pytest.mark.parametrize("epochs,steps", [(200, 1), (200, 7), (10, 5004), (800, 3)])
 def test_num_hard_is_the_epochs_value_throughout_the_epoch(epochs, steps):
-    """§3.4/§8 (α per epoch): num_hard(progress) = hard_count(M, e) for every iteration of epoch e."""
+    """num_hard(progress) = hard_count(M, e) for every iteration of epoch e."""
     model = hpm_196(epochs)
     for e in range(epochs):
         expected = hard_count(147, e, epochs)
@@ -198,7 +199,7 @@ def test_num_hard_is_the_epochs_value_throughout_the_epoch(epochs, steps):
 
 
 def test_no_teacher_pass_while_n_hard_is_zero(monkeypatch):
-    """§3.4: while n_hard = 0 the mask is purely random (no teacher scores are used)."""
+    """While n_hard = 0 the mask is purely random (no teacher scores are used)."""
     model = tiny_hpm(epochs=200)  # M = 48: n_hard(e=0) = floor(48 * 0.5 / 200) = 0
     calls = spy_on_mask_order(monkeypatch)
     model(images(), 0.0)
@@ -207,7 +208,7 @@ def test_no_teacher_pass_while_n_hard_is_zero(monkeypatch):
 
 @pytest.mark.parametrize("num_hard", [0, 24])
 def test_non_hard_patches_visible_uniformly(num_hard):
-    """§8.2-3: given the hard set, each other patch is visible w.p. K/(N - n_hard) and each pair w.p.
+    """Given the hard set, each other patch is visible w.p. K/(N - n_hard) and each pair w.p.
     K(K-1)/((N-n)(N-n-1)) (a uniform K-subset); n_hard = 0 gives MAE's uniform K/N."""
     torch.manual_seed(0)
     B = 20000
@@ -225,7 +226,7 @@ def test_non_hard_patches_visible_uniformly(num_hard):
 
 
 def test_mask_does_not_depend_on_student_weights(monkeypatch):
-    """§8.4: changing the student's weights leaves teacher scores and (same seed) the mask unchanged."""
+    """Changing the student's weights leaves teacher scores and (same seed) the mask unchanged."""
     model, x = tiny_hpm(), images()
     calls = spy_on_mask_order(monkeypatch)
     scores = model.teacher_scores(x)
@@ -245,7 +246,7 @@ def test_mask_does_not_depend_on_student_weights(monkeypatch):
 
 
 def test_teacher_scores_build_no_graph():
-    """§2b/§8.4: the teacher pass runs without autograd, even for inputs that require grad."""
+    """The teacher pass runs without autograd, even for inputs that require grad."""
     model = tiny_hpm()
     scores = model.teacher_scores(images().requires_grad_())
     assert scores.shape == (4, N) and not scores.requires_grad and scores.grad_fn is None
@@ -255,9 +256,9 @@ def test_teacher_scores_build_no_graph():
     assert all(p.grad is None for p in model.teacher.parameters())
 
 
-# --- ranking loss (§3.7, §8.5-8) -------------------------------------------------------------------
+# --- ranking loss ----------------------------------------------------------------------------------
 def test_ranking_loss_matches_brute_force_double_loop_with_ties():
-    """§3.7/§8.8: mean over untied ordered pairs of BCE(sigmoid(q_j - q_i), [l_j > l_i])."""
+    """Mean over untied ordered pairs of BCE(sigmoid(q_j - q_i), [l_j > l_i])."""
     pred = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
     total, count = brute_force_ranking(pred, TIED_TARGET)
     assert count == 2 * 30 - 2 * 2 - 2 * 3  # ordered pairs less the tied ones: 2 pairs in image 0, 3 in image 1
@@ -265,7 +266,7 @@ def test_ranking_loss_matches_brute_force_double_loop_with_ties():
 
 
 def test_ranking_loss_equals_unordered_pair_softplus_mean():
-    """§8.6: each unordered pair counts twice with equal terms: L_pred = mean over untied i < j of
+    """Each unordered pair counts twice with equal terms: L_pred = mean over untied i < j of
     softplus(-sign(l_j - l_i) (q_j - q_i))."""
     g = torch.Generator().manual_seed(1)
     for pred, target in [(torch.randn(2, 6, generator=g), TIED_TARGET),
@@ -282,7 +283,7 @@ def test_ranking_loss_equals_unordered_pair_softplus_mean():
 
 
 def test_ranking_loss_invariant_to_per_image_shift_of_predictions():
-    """§8.5: adding a constant to all predictions of one image leaves L_pred unchanged."""
+    """Adding a constant to all predictions of one image leaves L_pred unchanged."""
     g = torch.Generator().manual_seed(2)
     pred, target = torch.randn(3, 12, generator=g), torch.randn(3, 12, generator=g)
     shifted = pred + torch.tensor([[5.0], [-3.0], [0.25]])
@@ -291,7 +292,7 @@ def test_ranking_loss_invariant_to_per_image_shift_of_predictions():
 
 
 def test_ranking_loss_invariant_to_increasing_maps_of_targets():
-    """§8.5: strictly increasing maps of the targets (shift, positive scale, exp, cube) change nothing."""
+    """Strictly increasing maps of the targets (shift, positive scale, exp, cube) change nothing."""
     g = torch.Generator().manual_seed(3)
     pred, target = torch.randn(3, 12, generator=g), torch.rand(3, 12, generator=g) + 0.1
     base = ranking_loss(pred, target)
@@ -301,13 +302,13 @@ def test_ranking_loss_invariant_to_increasing_maps_of_targets():
 
 
 def test_ranking_loss_is_ln2_for_constant_predictions():
-    """§8.7: constant predictions (any constant per image) give ln 2 whatever the targets."""
+    """Constant predictions (any constant per image) give ln 2 whatever the targets."""
     pred = torch.tensor([[0.7] * 6, [-2.0] * 6])
     assert ranking_loss(pred, TIED_TARGET).item() == pytest.approx(math.log(2), abs=1e-6)
 
 
 def test_ranking_loss_tied_image_adds_nothing_to_numerator_or_denominator():
-    """§8.8: ties contribute nothing and are not counted: an all-tied image leaves L_pred unchanged."""
+    """Ties contribute nothing and are not counted: an all-tied image leaves L_pred unchanged."""
     g = torch.Generator().manual_seed(4)
     pred, target = torch.randn(1, 8, generator=g), torch.randn(1, 8, generator=g)
     with_tied = ranking_loss(torch.cat([pred, torch.randn(1, 8, generator=g)]),
@@ -316,7 +317,7 @@ def test_ranking_loss_tied_image_adds_nothing_to_numerator_or_denominator():
 
 
 def test_ranking_pairs_never_cross_images():
-    """§8.8: L_pred = per-image brute-force losses weighted by their valid-pair counts."""
+    """L_pred = per-image brute-force losses weighted by their valid-pair counts."""
     g = torch.Generator().manual_seed(5)
     pred = torch.randn(3, 6, generator=g)
     target = torch.cat([TIED_TARGET, 10 + torch.randn(1, 6, generator=g)])  # far from the others
@@ -326,7 +327,7 @@ def test_ranking_pairs_never_cross_images():
 
 
 def test_ranking_loss_invariant_to_patch_order():
-    """§8.6/§8.13: permuting the masked patches (predictions and targets alike) changes nothing."""
+    """Permuting the masked patches (predictions and targets alike) changes nothing."""
     g = torch.Generator().manual_seed(6)
     pred, target = torch.randn(2, 10, generator=g), torch.randn(2, 10, generator=g)
     perm = torch.randperm(10, generator=g)
@@ -334,7 +335,7 @@ def test_ranking_loss_invariant_to_patch_order():
 
 
 def test_absolute_loss_zscores_per_image_with_unbiased_variance():
-    """§3 absolute variant: MSE to the target z-scored per image (mean, unbiased var, +1e-6 in sqrt)."""
+    """MSE to the target z-scored per image (mean, unbiased var, +1e-6 in sqrt)."""
     pred = torch.tensor([[0.1, -0.2, 0.3, 0.0], [1.0, 0.5, -0.5, 0.2]])
     target = torch.tensor([[1.0, 2.0, 4.0, 7.0], [0.5, 0.5, 1.5, 3.5]])
 
@@ -352,9 +353,9 @@ def test_absolute_loss_zscores_per_image_with_unbiased_variance():
     assert abs(hand(unbiased=False) - hand()) > 1e-2 and abs(hand(per_image=False) - hand()) > 1e-2
 
 
-# --- losses and gradients of the model (§2, §3.5-3.8, §8.9-14) -------------------------------------
+# --- losses and gradients of the model -------------------------------------------------------------
 def test_reconstruction_loss_norm_pix_uses_unbiased_variance():
-    """§3.6: per patch (Y - mean) / sqrt(var + 1e-6) with the unbiased variance over P values."""
+    """Per patch (Y - mean) / sqrt(var + 1e-6) with the unbiased variance over P values."""
     g = torch.Generator().manual_seed(7)
     recon, target = torch.randn(2, 3, 12, generator=g), 3 * torch.randn(2, 3, 12, generator=g) + 1
     mean = target.mean(-1, keepdim=True)
@@ -376,19 +377,19 @@ def forward_and_its_mask(model, x, progress, seed):
 @pytest.mark.parametrize("norm_pix", [False, True])
 @pytest.mark.parametrize("progress", [0.0, LATE])
 def test_losses_equal_mae_reference(norm_pix, progress):
-    """§8.11-13: L_rec = MAE's mask-weighted loss (same mask, same weights, norm-pix rule) and L_pred =
+    """L_rec = MAE's mask-weighted loss (same mask, same weights, norm-pix rule) and L_pred =
     the official ranking loss on those per-patch values, decoded in MAE's restored order."""
     model, x = tiny_hpm(norm_pix_loss=norm_pix), images()
     loss, stats, ids = forward_and_its_mask(model, x, progress, seed=11)
     ref_rec, ref_pred = mae_reference(model, x, ids)
     assert stats["loss_rec"].item() == pytest.approx(ref_rec.item(), rel=1e-5)
     assert stats["loss_pred"].item() == pytest.approx(ref_pred.item(), abs=1e-5)
-    assert loss.item() == pytest.approx((ref_rec + ref_pred).item(), rel=1e-5)  # §3.8: weight 1
+    assert loss.item() == pytest.approx((ref_rec + ref_pred).item(), rel=1e-5)  # the ranking loss's weight is 1
 
 
 @pytest.mark.parametrize("relative", [True, False])
 def test_gradient_flow_between_towers(relative):
-    """§2 stop-gradients/§8.9: L_pred reaches encoder, decoder_embed, mask token, predictor but not the
+    """L_pred reaches encoder, decoder_embed, mask token, predictor but not the
     reconstruction tower; L_rec never reaches the predictor tower; forward's total matches both."""
     model, x = tiny_hpm(relative=relative), images()
     loss, _, ids = forward_and_its_mask(model, x, LATE, seed=3)
@@ -413,7 +414,7 @@ def test_gradient_flow_between_towers(relative):
 
 
 def test_pred_loss_ignores_visible_predictor_outputs():
-    """§3.5/§8.9: the loss has zero gradient w.r.t. predictor outputs at cls and visible positions."""
+    """The loss has zero gradient w.r.t. predictor outputs at cls and visible positions."""
     model, x = tiny_hpm(), images()
     captured = {}
 
@@ -429,7 +430,7 @@ def test_pred_loss_ignores_visible_predictor_outputs():
 
 
 def test_decoder_token_order_changes_nothing():
-    """§2/§8.13: any order of visible and of masked tokens (targets alike) gives the same L_rec, L_pred
+    """Any order of visible and of masked tokens (targets alike) gives the same L_rec, L_pred
     and gradients within 1e-5 in fp32."""
     model, x = tiny_hpm(), images()
     torch.manual_seed(0)
@@ -449,7 +450,7 @@ def test_decoder_token_order_changes_nothing():
 
 
 def test_predicted_loss_is_mean_of_head_outputs():
-    """§2/§8.14: predictor score per token = mean of its P head outputs (value and gradients)."""
+    """Predictor score per token = mean of its P head outputs (value and gradients)."""
     torch.manual_seed(0)
     tower = hpm.Tower(16, 1, 2, 48)
     feats = torch.randn(2, 5, 16, requires_grad=True)
@@ -463,15 +464,15 @@ def test_predicted_loss_is_mean_of_head_outputs():
 
 
 def test_layer_norms_use_eps_1e6():
-    """§2: every LayerNorm (encoder, both towers) has eps 1e-6 as MAE/timm."""
+    """Every LayerNorm (encoder, both towers) has eps 1e-6 as MAE/timm."""
     norms = [m for m in tiny_hpm().modules() if isinstance(m, torch.nn.LayerNorm)]
     assert len(norms) == 2 * (2 * 2 + 1) + 3 * (2 * 1 + 1)  # 2 encoders (student, teacher) + 3 towers
     assert all(m.eps == 1e-6 for m in norms)
 
 
-# --- EMA teacher (§2, §8.10) ------------------------------------------------------------------------
+# --- EMA teacher ------------------------------------------------------------------------------------
 def test_teacher_is_an_exact_independent_copy_at_init():
-    """§2/§8.10: the teacher equals the student's encoder, decoder_embed and predictor bit for bit,
+    """The teacher equals the student's encoder, decoder_embed and predictor bit for bit,
     in its own storage."""
     model = tiny_hpm()
     student = model.state_dict()
@@ -482,7 +483,7 @@ def test_teacher_is_an_exact_independent_copy_at_init():
 
 
 def test_ema_update_after_one_optimizer_step():
-    """§2/§8.10: after one AdamW step, teacher = m * teacher0 + (1 - m) * student1 with m = m(0) = 0.999;
+    """After one AdamW step, teacher = m * teacher0 + (1 - m) * student1 with m = m(0) = 0.999;
     the fixed pos_embed stays bit-identical; the teacher is not in the optimizer."""
     model, x = tiny_hpm(), images()
     teacher0 = {k: v.clone() for k, v in model.teacher.state_dict().items()}
@@ -505,7 +506,7 @@ def test_ema_update_after_one_optimizer_step():
 
 
 def test_ema_momentum_schedule():
-    """§2/§8.10: m(e) = 0.999 + (e/100) * 0.0009 for e < 100, then 0.9999."""
+    """m(e) = 0.999 + (e/100) * 0.0009 for e < 100, then 0.9999."""
     assert ema_momentum(0) == 0.999
     assert ema_momentum(50) == pytest.approx(0.99945, abs=1e-12)
     assert ema_momentum(99) == pytest.approx(0.999 + 0.99 * 0.0009, abs=1e-12)
@@ -514,9 +515,9 @@ def test_ema_momentum_schedule():
     assert all(a < b for a, b in zip(values[:100], values[1:101]))
 
 
-# --- the MAE baseline and the config (§5, §7.2, §9) ------------------------------------------------
+# --- the MAE baseline and the config ---------------------------------------------------------------
 def test_learning_loss_off_is_plain_mae():
-    """§7.2/§9: learning_loss=False is MAE: no predictor, no teacher, random masks, only loss_rec."""
+    """learning_loss=False is MAE: no predictor, no teacher, random masks, only loss_rec."""
     model, x = tiny_hpm(learning_loss=False), images()
     assert model.predictor is None and model.teacher is None
     assert {n.split(".")[0] for n, _ in model.named_parameters()} == {"encoder", "decoder_embed", "mask_token",
@@ -534,7 +535,7 @@ def test_learning_loss_off_is_plain_mae():
 
 
 def test_build_wires_config_and_towers_of_equal_depth():
-    """§2/§9: build(cfg) gives the configured encoder and two separate towers of the decoder's depth."""
+    """build(cfg) gives the configured encoder and two separate towers of the decoder's depth."""
     cfg = training.parse_config(hpm.Config, [
         "--model", "vit_tiny", "--input_size", "32", "--patch_size", "4", "--decoder_dim", "32",
         "--decoder_depth", "2", "--decoder_heads", "2", "--mask_ratio", "0.6", "--epochs", "3", "--no-relative"])

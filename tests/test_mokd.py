@@ -1,4 +1,4 @@
-"""Invariant tests of mokd.py (specs/mokd.md §7): a tiny ResNet (one BasicBlock per stage, CIFAR stem)
+"""Invariant tests of mokd.py (MOKD, arXiv 2304.06461; official main_mokd.py): a tiny ResNet (one BasicBlock per stage, CIFAR stem)
 paired with a 1-block ViT at 32 px, 2 global + 2 local crops of 16 px, K = 64."""
 import copy
 import math
@@ -50,7 +50,7 @@ def student_params(model):
 
 # --- gradients ----------------------------------------------------------------------------------------
 def test_teachers_get_no_gradient_and_every_student_parameter_does():
-    """§7.1: after backward every teacher parameter has requires_grad False and grad None; every trainable
+    """After backward every teacher parameter has requires_grad False and grad None; every trainable
     student parameter (both backbones, MLP heads, T-Heads) has a gradient."""
     model = tiny_mokd()
     loss, stats = model(crops(), 0.5)
@@ -63,7 +63,7 @@ def test_teachers_get_no_gradient_and_every_student_parameter_does():
 
 
 def test_no_gradient_crosses_between_the_models():
-    """§7.7: dL_cnn/d(ViT student) = 0 and dL_vit/d(CNN student) = 0, so one backward of the sum gives each
+    """dL_cnn/d(ViT student) = 0 and dL_vit/d(CNN student) = 0, so one backward of the sum gives each
     model the gradients of its own total (what upstream's two backward passes compute)."""
     model = tiny_mokd()
     torch.manual_seed(5)
@@ -80,8 +80,8 @@ def test_no_gradient_crosses_between_the_models():
 
 
 def test_search_targets_and_queries_carry_no_gradient(monkeypatch):
-    """§7.8: the search targets (computed from the other student's query) have no graph; the student side
-    of each search loss is the local-crop T-Head output (nB rows, §7.6)."""
+    """The search targets (computed from the other student's query) have no graph; the student side
+    of each search loss is the local-crop T-Head output (nB rows)."""
     seen = []
     real = mokd.search_loss
 
@@ -95,7 +95,7 @@ def test_search_targets_and_queries_carry_no_gradient(monkeypatch):
 
 # --- T-Head and the feature search -------------------------------------------------------------------------
 def test_thead_query_is_dropped_from_the_mean_and_changes_the_output():
-    """§7.9: with a query the output has the shape it has without one; it equals last_layer(mean of the
+    """With a query the output has the shape it has without one; it equals last_layer(mean of the
     post-LN outputs at positions 1..T) and changes when the query changes."""
     torch.manual_seed(0)
     head = THead(32, K, grid=4, in_channels=8, depth=1, heads=2)
@@ -114,7 +114,7 @@ def test_thead_query_is_dropped_from_the_mean_and_changes_the_output():
 
 
 def test_thead_last_layer_has_trainable_g_and_no_l2_norm():
-    """§2: T-Head last layer g = 1 and trainable; input not L2-normalised (scaling the mean scales the logits)."""
+    """T-Head last layer g = 1 and trainable; input not L2-normalised (scaling the mean scales the logits)."""
     head = THead(32, K, grid=2, depth=1, heads=2)
     g = head.last_layer.parametrizations.weight.original0
     assert g.requires_grad and torch.equal(g, torch.ones(K, 1))
@@ -123,7 +123,7 @@ def test_thead_last_layer_has_trainable_g_and_no_l2_norm():
 
 
 def test_search_tiles_global_crop_1_crop_major():
-    """§7.6: the teacher search pairs row j*B + b (local crop j of image b) with global crop 1 of image b:
+    """The teacher search pairs row j*B + b (local crop j of image b) with global crop 1 of image b:
     equal queries for two local crops give equal rows; the rows follow image b's global crop 1."""
     model = tiny_mokd()
     c = crops()
@@ -137,7 +137,7 @@ def test_search_tiles_global_crop_1_crop_major():
 
 # --- data flow -----------------------------------------------------------------------------------------
 def test_teachers_see_only_global_crops_and_both_models_the_same_crops():
-    """§7.4: teacher backbones get the 2B global crops only; students get all V crops; CNN and ViT students
+    """Teacher backbones get the 2B global crops only; students get all V crops; CNN and ViT students
     receive identical pixels."""
     model = tiny_mokd()
     seen = {}
@@ -159,7 +159,7 @@ def test_teachers_see_only_global_crops_and_both_models_the_same_crops():
 
 
 def test_loss_wiring_temperatures_and_centres(monkeypatch):
-    """§3 table and §7.5, §7.10: six centred losses, each on 2B teacher rows of global crops; the CNN's self
+    """Six centred losses, each on 2B teacher rows of global crops; the CNN's self
     terms at the 50-epoch warmup, every other term at the 30-epoch one; cross terms use the other model's
     teacher with that teacher's centre; the centres move after the losses (the loss saw the old centre)."""
     model = tiny_mokd(epochs=100)
@@ -227,7 +227,7 @@ def run_step(model, cfg, progress=0.0):
 
 
 def test_ema_update_is_exact_and_starts_from_the_student():
-    """§7.2: teacher == student at step 0; after a step with momentum m every teacher parameter (backbone,
+    """Teacher == student at step 0; after a step with momentum m every teacher parameter (backbone,
     heads, T-Heads, weight_g) is m * old + (1 - m) * new student; teacher BN buffers are not averaged."""
     cfg = tiny_cfg()
     training.seed_all(0)
@@ -249,7 +249,7 @@ def test_ema_update_is_exact_and_starts_from_the_student():
 
 
 def test_momentum_schedule():
-    """§7.3: m(0) = .996, rising monotonically to 1 along DINO's cosine = cosine_schedule(.996, 1, T)[it]."""
+    """m(0) = .996, rising monotonically to 1 along DINO's cosine = cosine_schedule(.996, 1, T)[it]."""
     T = 50
     ours = [mokd.teacher_momentum(it / T, 0.996) for it in range(T)]
     assert ours[0] == pytest.approx(0.996) and np.all(np.diff(ours) > 0)
@@ -257,7 +257,7 @@ def test_momentum_schedule():
 
 
 def test_last_layers_frozen_in_the_first_epoch():
-    """§7.11-12: in epoch 0 no *last_layer* parameter (MLP heads and T-Heads, both models) changes; from
+    """In epoch 0 no *last_layer* parameter (MLP heads and T-Heads, both models) changes; from
     epoch 1 the trainable ones do; the CNN MLP head's g stays exactly 1."""
     cfg = tiny_cfg()
     for epoch, changes in ((0, False), (1, True)):
@@ -276,7 +276,7 @@ def test_last_layers_frozen_in_the_first_epoch():
 
 
 def test_optimizer_groups():
-    """§3: CNN SGD (momentum .9) groups [matrices, wd 1e-4], [1-D, wd 0], [the whole T-Head, ViT lr and wd,
+    """CNN SGD (momentum .9) groups [matrices, wd 1e-4], [1-D, wd 0], [the whole T-Head, ViT lr and wd,
     1-D parameters decayed too]; ViT AdamW betas (.9, .999) [ndim >= 2 incl. pos_embed and g, wd], [1-D, 0];
     the frozen CNN MLP g is in no group."""
     cfg = tiny_cfg()
@@ -301,7 +301,7 @@ def test_optimizer_groups():
 
 
 def test_train_step_clips_each_tensor_and_logs():
-    """§7.13: per-tensor clipping to 3 (checked on the gradients it leaves, before the optimizer step)."""
+    """Per-tensor clipping to 3 (checked on the gradients it leaves, before the optimizer step)."""
     cfg = tiny_cfg()
     training.seed_all(0)
     model = mokd.build(cfg)

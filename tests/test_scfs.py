@@ -1,4 +1,4 @@
-"""Tests of scfs.py against specs/scfs.md (section numbers in each docstring; §7 = testable invariants).
+"""Tests of scfs.py: the invariants of SCFS (arXiv 2212.06486) and its official code (main_scfs.py, models/scfs.py).
 Tiny models only: ResNet-18 with the CIFAR stem, 2 global crops of 32 px (stage maps 16/8/4) and the
 paper's 8 local crops at 16 px (maps 8/4/2), batch 2, narrow heads."""
 import math
@@ -51,7 +51,7 @@ def ce(teacher_logits, student_logits, center, tt, ts=0.1):
 
 
 def test_stage_heads_take_the_backbone_widths():
-    """§2: heads follow the backbone (ResNet-18: 128/256/512; ResNet-50: 512/1024/2048, DINO head on 2048)."""
+    """Heads follow the backbone (ResNet-18: 128/256/512; ResNet-50: 512/1024/2048, DINO head on 2048)."""
     model = tiny()
     assert [h.conv1.in_channels for h in model.student["stage_heads"]] == [128, 256, 512]
     torch.manual_seed(0)
@@ -62,7 +62,7 @@ def test_stage_heads_take_the_backbone_widths():
 
 
 def test_teacher_gets_no_gradient_every_student_parameter_does():
-    """§7.1 (and §3 gradient flow): teacher params frozen with grad None; every trainable student param
+    """Teacher params frozen with grad None; every trainable student param
     gets a gradient (also the three stage heads)."""
     model = tiny()
     loss, _ = model(crops(), 0.0)
@@ -74,7 +74,7 @@ def test_teacher_gets_no_gradient_every_student_parameter_does():
 
 
 def test_teacher_starts_as_student_and_ema_is_exact():
-    """§7.2: teacher = student at init; after an update t' = m t + (1 - m) s over parameters, buffers kept."""
+    """Teacher = student at init; after an update t' = m t + (1 - m) s over parameters, buffers kept."""
     model = tiny()
     s_state, t_state = model.student.state_dict(), model.teacher.state_dict()
     assert s_state.keys() == t_state.keys() and all(torch.equal(s_state[k], t_state[k]) for k in s_state)
@@ -92,7 +92,7 @@ def test_teacher_starts_as_student_and_ema_is_exact():
 
 
 def test_teacher_momentum_schedule():
-    """§3: m = 1 - (1 - m0)(1 + cos(pi it / T)) / 2: 0.996 at the start, -> 1; common's per-step schedule."""
+    """m = 1 - (1 - m0)(1 + cos(pi it / T)) / 2: 0.996 at the start, -> 1; common's per-step schedule."""
     T = 37
     ref = training.cosine_schedule(0.996, 1.0, T)
     assert scfs.teacher_momentum(0.0) == pytest.approx(0.996) and scfs.teacher_momentum(1.0) == pytest.approx(1.0)
@@ -101,7 +101,7 @@ def test_teacher_momentum_schedule():
 
 
 def test_query_is_stop_grad(monkeypatch):
-    """§7.3: the search carries no gradient: a detached clone of the student's local maps as the query
+    """The search carries no gradient: a detached clone of the student's local maps as the query
     leaves every student gradient unchanged; the searched targets do not require grad."""
     def grads(model):
         loss, _ = model(crops(), 0.3)
@@ -133,7 +133,7 @@ def spy_search(monkeypatch):
 
 
 def test_similarity_maps_shape_values(monkeypatch):
-    """§7.4: A per stage is (L, B, H_k, W_k) at global resolution, the cosine between the pooled local
+    """A per stage is (L, B, H_k, W_k) at global resolution, the cosine between the pooled local
     feature and each teacher location, in [0, 1] for post-ReLU features, not normalised to sum 1."""
     calls = spy_search(monkeypatch)
     model = tiny()
@@ -151,7 +151,7 @@ def test_similarity_maps_shape_values(monkeypatch):
 
 
 def test_equal_direction_gives_the_teacher_map_back():
-    """§7.5: teacher locations all along the query's direction -> A = 1 everywhere and S = V."""
+    """Teacher locations all along the query's direction -> A = 1 everywhere and S = V."""
     torch.manual_seed(0)
     C, H = 6, 5
     direction = torch.rand(1, C, 1, 1)
@@ -164,7 +164,7 @@ def test_equal_direction_gives_the_teacher_map_back():
 
 
 def test_head_on_weights_equals_head_on_searched_maps():
-    """The conv1 shortcut of StageHead (§2: S = A * V before the head) gives the head of the searched
+    """The conv1 shortcut of StageHead (the paper's S = A * V before the head) gives the head of the searched
     maps, in train mode (batch statistics over the L*B maps)."""
     torch.manual_seed(0)
     head = StageHead(12, 8, 16, 10).train()
@@ -174,7 +174,7 @@ def test_head_on_weights_equals_head_on_searched_maps():
 
 
 def test_searched_targets_from_view1_and_own_query(monkeypatch):
-    """§7.6: the teacher map searched is global crop 1's ([:B] of the teacher's global batch); crop i's
+    """The teacher map searched is global crop 1's ([:B] of the teacher's global batch); crop i's
     target is computed from crop i's query (crop-major on both sides)."""
     calls = spy_search(monkeypatch)
     model = tiny()
@@ -198,7 +198,7 @@ def test_searched_targets_from_view1_and_own_query(monkeypatch):
 
 
 def test_head_output_shapes_and_norms():
-    """§7.7: stage heads -> (N, D) unit vectors; DINO head -> (N, K); last-layer rows of unit norm."""
+    """Stage heads -> (N, D) unit vectors; DINO head -> (N, K); last-layer rows of unit norm."""
     model = tiny()
     out, _ = capture(model)
     model(crops(), 0.0)
@@ -212,8 +212,8 @@ def test_head_output_shapes_and_norms():
     torch.testing.assert_close(w.norm(dim=1), torch.ones(512))
 
 
-def test_losses_count_pairs_centre_and_weigh_as_specified():
-    """§3, §7.8-7.11: recomputed from the head outputs with explicit loops: L_d averages the 2 V - 2 =
+def test_losses_count_pairs_centre_and_weigh_as_the_paper():
+    """Recomputed from the head outputs with explicit loops: L_d averages the 2 V - 2 =
     18 (teacher global a, student crop v != a) pairs, centred; L_g^k pairs teacher 1 with student 2 and
     teacher 2 with student 1 (halves), centred with c_k; L_l^k averages the L same-index pairs, uncentred;
     L = L_d + sum_k (L_g^k + L_l^k) / 2; the loss uses the centers from before the step."""
@@ -248,7 +248,7 @@ def test_losses_count_pairs_centre_and_weigh_as_specified():
 
 
 def test_search_loss_is_uncentred_same_index_mean():
-    """§7.9: L_l^k = (1/L) sum_i CE(t_i, s_i); another crop's target changes only its own term."""
+    """L_l^k = (1/L) sum_i CE(t_i, s_i); another crop's target changes only its own term."""
     torch.manual_seed(0)
     s, t = torch.randn(L * B, 7), torch.randn(L * B, 7)
     ref = sum(ce(t.chunk(L)[i], s.chunk(L)[i], 0.0, 0.04) for i in range(L)) / L
@@ -257,7 +257,7 @@ def test_search_loss_is_uncentred_same_index_mean():
 
 @pytest.mark.parametrize("out_dim, expected", [(512, 33 * math.log(2)), (65536, 40 * math.log(2))])
 def test_total_at_uniform_student_outputs(out_dim, expected):
-    """§7.10: all student outputs constant -> each CE = ln(dim) whatever the targets:
+    """All student outputs constant -> each CE = ln(dim) whatever the targets:
     L = ln K + 3 ln 256 (paper: ln 65536 + 3 ln 256 = 40 ln 2; K = 512: 33 ln 2)."""
     model = tiny(out_dim=out_dim)
     heads = [model.student["head"], *model.student["stage_heads"]]
@@ -268,7 +268,7 @@ def test_total_at_uniform_student_outputs(out_dim, expected):
 
 
 def test_centers_move_with_teacher_global_outputs_only():
-    """§7.11: c, c_k start at 0; after a step c = 0.1 mean(z_t), c_k = 0.1 mean(p_t_g[k]) over the 2B
+    """c, c_k start at 0; after a step c = 0.1 mean(z_t), c_k = 0.1 mean(p_t_g[k]) over the 2B
     global rows; the searched targets (the teacher head's second call) do not enter."""
     model = tiny()
     assert all(not c.center.any() for c in [model.center, *model.stage_centers])
@@ -281,7 +281,7 @@ def test_centers_move_with_teacher_global_outputs_only():
 
 
 def test_teacher_sees_only_the_two_global_crops():
-    """§7.8: the teacher encoder runs once on the 2B global crops; the student twice (globals, locals)."""
+    """The teacher encoder runs once on the 2B global crops; the student twice (globals, locals)."""
     model = tiny()
     seen = {"student": [], "teacher": []}
     for name in seen:
@@ -293,7 +293,7 @@ def test_teacher_sees_only_the_two_global_crops():
 
 
 def test_schedules():
-    """§7.12: tau_t 0.04 at epoch 0, 0.07 at epoch 49 and after; lr 0 at step 0, base at the last warm-up
+    """tau_t 0.04 at epoch 0, 0.07 at epoch 49 and after; lr 0 at step 0, base at the last warm-up
     step and the first cosine step, approaching (not reaching) min_lr at the end."""
     model = tiny(epochs=200, warmup_teacher_temp_epochs=50)
     temps = {e: model.teacher_temp(e / 200) for e in (0, 1, 49, 50, 199)}
@@ -307,7 +307,7 @@ def test_schedules():
 
 
 def test_optimizer_groups_and_frozen_last_layer():
-    """§3, §7.13: SGD momentum 0.9; weight decay only on ndim >= 2 weights; teacher and the fixed g left
+    """SGD momentum 0.9; weight decay only on ndim >= 2 weights; teacher and the fixed g left
     out; last_layer not updated in epoch 0 (freeze_last_layer 1), updated in epoch 1."""
     cfg = training.parse_config(scfs.Config, ["--preset", "cifar10", "--micro_batch", str(B), "--batch_size",
                                             str(B), "--local_crops", str(L), "--device", "cpu"])

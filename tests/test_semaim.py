@@ -1,4 +1,4 @@
-"""Tests of semaim.py against specs/semaim.md (section numbers in each docstring; §9 = testable invariants).
+"""Tests of semaim.py: the invariants of SemAIM (arXiv 2312.10457) and its official code (models_semaim.py).
 Tiny models only: 32 px images, patch 4 -> an 8 x 8 grid, N = 64 patches, T = 65 tokens, P = 48."""
 import math
 
@@ -34,7 +34,7 @@ def grid_d2(centre, grid=G):
 
 
 def reference_predict(model, imgs, scores):
-    """§5 written out as upstream computes it: fp32 additive -inf masks from raw scores (content s_j <= s_i,
+    """The forward written out as upstream computes it: fp32 additive -inf masks from raw scores (content s_j <= s_i,
     query s_j < s_i, cls row sees only cls, every row sees cls), explicit softmax attention, the query
     stream starting from the sin-cos table and cross-attending to the same layer's content output through
     the shared norm1, final norm + head on the query stream, cls slot dropped."""
@@ -72,11 +72,11 @@ def reference_predict(model, imgs, scores):
     return model.prediction_head(enc.norm(g))[:, 1:]
 
 
-# --- the order (§3.1-3.2) ------------------------------------------------------------------------------
+# --- the order -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", semaim.ORDERS)
 @pytest.mark.parametrize("grid", [1, 3, 8, 14])
 def test_order_is_a_bijection_for_any_grid(kind, grid):
-    """§9.1: ranks are a permutation of 0..N-1 for every image, any grid size, every order."""
+    """Ranks are a permutation of 0..N-1 for every image, any grid size, every order."""
     B, n = 32, grid * grid
     centre = torch.randint(0, n, (B,))
     rank = order_ranks(order_scores(kind, B, grid, "cpu", centre))
@@ -85,8 +85,8 @@ def test_order_is_a_bijection_for_any_grid(kind, grid):
 
 
 def test_semantic_order_starts_at_the_cls_argmax_and_expands_by_distance():
-    """§9.2: the first patch is argmax_i cos(z_cls, z_i) of the unmasked normed features; d(i) < d(j)
-    implies i before j; ties (§3.2) never happen: N distinct ranks."""
+    """The first patch is argmax_i cos(z_cls, z_i) of the unmasked normed features; d(i) < d(j)
+    implies i before j; ties never happen: N distinct ranks."""
     model = tiny_semaim()
     x = images(8)
     with torch.no_grad():
@@ -101,7 +101,7 @@ def test_semantic_order_starts_at_the_cls_argmax_and_expands_by_distance():
 
 
 def test_equidistant_patches_come_in_uniformly_random_order():
-    """§9.2: among the 4 neighbours at distance 1 of a fixed centre, each is first equally often."""
+    """Among the 4 neighbours at distance 1 of a fixed centre, each is first equally often."""
     torch.manual_seed(0)
     B, centre = 8000, 3 * G + 4
     rank = order_ranks(order_scores("semantic", B, G, "cpu", torch.full((B,), centre)))
@@ -113,7 +113,7 @@ def test_equidistant_patches_come_in_uniformly_random_order():
 
 
 def test_stochastic_order_is_a_uniform_permutation():
-    """§9.13: SAIM's order: all 4! orders of a 2 x 2 grid equally likely (chi-square, 23 dof)."""
+    """SAIM's order: all 4! orders of a 2 x 2 grid equally likely (chi-square, 23 dof)."""
     torch.manual_seed(0)
     B = 24000
     rank = order_ranks(order_scores("stochastic", B, 2, "cpu"))
@@ -126,13 +126,13 @@ def test_stochastic_order_is_a_uniform_permutation():
 
 
 def test_raster_order_is_row_major():
-    """Our `raster` (spec §10): rank = raster index, the same for every image (upstream's `zigzag`)."""
+    """Our `raster`: rank = raster index, the same for every image (upstream's `zigzag`)."""
     rank = order_ranks(order_scores("raster", 3, G, "cpu"))
     assert torch.equal(rank, torch.arange(N).expand(3, N))
 
 
 def test_order_pass_builds_no_graph_uses_no_dropout_and_follows_the_current_weights():
-    """§9.9: no autograd graph; eval mode inside (drop-path would randomise it) with the mode restored;
+    """No autograd graph; eval mode inside (drop-path would randomise it) with the mode restored;
     new weights give a new order."""
     model = tiny_semaim(drop_path=0.5)
     model.encoder.blocks[1].drop_path.p = 0.5  # common.vit would set these; here by hand
@@ -147,7 +147,7 @@ def test_order_pass_builds_no_graph_uses_no_dropout_and_follows_the_current_weig
 
 
 def test_forward_recomputes_the_order_from_the_current_weights(monkeypatch):
-    """§5: each forward calls the order pass (semantic) and skips it for stochastic/raster."""
+    """Each forward calls the order pass (semantic) and skips it for stochastic/raster."""
     calls = []
     orig = SemAIM.semantic_centre
     monkeypatch.setattr(SemAIM, "semantic_centre", lambda self, x, t=None: calls.append(1) or orig(self, x, t))
@@ -159,9 +159,9 @@ def test_forward_recomputes_the_order_from_the_current_weights(monkeypatch):
     assert len(calls) == 2
 
 
-# --- masks (§3.3) -------------------------------------------------------------------------------------
+# --- masks --------------------------------------------------------------------------------------------
 def test_mask_rows_allow_k_plus_2_content_and_k_plus_1_query_keys():
-    """§9.3-9.4: content row of the patch at order position k allows cls, the k earlier patches and
+    """Content row of the patch at order position k allows cls, the k earlier patches and
     itself; query row allows cls and the k earlier ones, not itself; cls rows only cls; every row cls."""
     torch.manual_seed(0)
     rank = order_ranks(order_scores("stochastic", 5, G, "cpu"))
@@ -180,10 +180,10 @@ def test_mask_rows_allow_k_plus_2_content_and_k_plus_1_query_keys():
     assert torch.equal(content[:, 1:, 1:], earlier | torch.eye(N, dtype=torch.bool))
 
 
-# --- the two streams (§2, §9.5-9.7, 9.10) -----------------------------------------------------------------
+# --- the two streams --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("depth,query_depth", [(2, 2), (4, 2)])
 def test_forward_equals_the_written_out_two_stream_model(depth, query_depth):
-    """§2/§5 against an explicit re-implementation with upstream's additive masks and attention (query
+    """The model against an explicit re-implementation with upstream's additive masks and attention (query
     block after every depth // query_depth encoder blocks)."""
     model = tiny_semaim(depth=depth, query_depth=query_depth)
     x = images(3)
@@ -196,7 +196,7 @@ def test_forward_equals_the_written_out_two_stream_model(depth, query_depth):
 
 
 def test_causality_prediction_k_ignores_patch_k_and_later():
-    """§9.5: with the order fixed, changing the patch at order position k leaves the predictions for
+    """With the order fixed, changing the patch at order position k leaves the predictions for
     positions 0..k bit-identical and changes every later one."""
     model = tiny_semaim()
     x = images(2)
@@ -215,7 +215,7 @@ def test_causality_prediction_k_ignores_patch_k_and_later():
 
 
 def test_first_prediction_and_content_cls_do_not_depend_on_the_image():
-    """§9.6: the first patch's query sees only the content cls, which sees only itself."""
+    """The first patch's query sees only the content cls, which sees only itself."""
     model = tiny_semaim()
     x = images(2)
     rank = torch.stack([order_ranks(order_scores("stochastic", 1, G, "cpu"))[0]] * 2)  # one order, 2 images
@@ -230,7 +230,7 @@ def test_first_prediction_and_content_cls_do_not_depend_on_the_image():
 
 
 def test_first_prediction_is_a_constant_of_its_position():
-    """§3.3, §9.7, §9.10: output i is raster patch i; the query stream starts from the fixed sin-cos table,
+    """Output i is raster patch i; the query stream starts from the fixed sin-cos table,
     so the first patch's prediction depends on where it is only, whatever the rest of the order."""
     model = tiny_semaim()
     x = images(3)
@@ -243,9 +243,9 @@ def test_first_prediction_is_a_constant_of_its_position():
     assert not torch.allclose(pred[0, 10], pred[2, 11], atol=1e-3)
 
 
-# --- targets and loss (§4) ------------------------------------------------------------------------------
+# --- targets and loss -----------------------------------------------------------------------------------
 def test_blur_kernel_sums_to_one_and_is_upstreams_gaussian():
-    """§9.11: 9 x 9, sigma 1, centre 4, normalised to 1."""
+    """9 x 9, sigma 1, centre 4, normalised to 1."""
     k = gaussian_kernel(9, 1.0)
     assert k.shape == (9, 9) and torch.isclose(k.sum(), torch.tensor(1.0), atol=1e-6)
     pos = torch.stack(torch.meshgrid(torch.arange(9), torch.arange(9), indexing="ij"), -1).float()
@@ -255,7 +255,7 @@ def test_blur_kernel_sums_to_one_and_is_upstreams_gaussian():
 
 
 def test_blur_keeps_a_constant_image_constant_inside_and_fades_the_border():
-    """§9.11, §8.9: zero padding: constant inside (>= 4 px from the border), corner ~0.49 x."""
+    """Zero padding: constant inside (>= 4 px from the border), corner ~0.49 x."""
     img = torch.full((1, 3, IMG, IMG), 2.0)
     k = gaussian_kernel(9, 1.0)[None, None]
     blurred = F.conv2d(img, k.expand(3, 1, -1, -1), padding=4, groups=3)
@@ -266,7 +266,7 @@ def test_blur_keeps_a_constant_image_constant_inside_and_fades_the_border():
 
 
 def test_targets_are_per_patch_normalised_with_unbiased_variance():
-    """§4: (t - mean) / sqrt(var_unbiased + 1e-6) over each patch's P values."""
+    """(t - mean) / sqrt(var_unbiased + 1e-6) over each patch's P values."""
     x = images(2)
     k = gaussian_kernel(9, 1.0)[None, None]
     t = pixel_targets(x, PATCH, k, norm_pix=True)
@@ -278,7 +278,7 @@ def test_targets_are_per_patch_normalised_with_unbiased_variance():
 
 
 def test_loss_is_the_mse_over_all_patches_and_near_one_at_init(monkeypatch):
-    """§9.8: ~1-1.3 at initialisation with norm-pix targets; a zero prediction gives (P-1)/P; every patch,
+    """~1-1.3 at initialisation with norm-pix targets; a zero prediction gives (P-1)/P; every patch,
     the first one too, weighs the same."""
     model = tiny_semaim()
     x = images(4)
@@ -294,7 +294,7 @@ def test_loss_is_the_mse_over_all_patches_and_near_one_at_init(monkeypatch):
 
 
 def test_gradients_reach_query_blocks_head_and_encoder_but_not_the_position_embedding():
-    """§9.14."""
+    """Every trainable parameter gets a gradient; the fixed position table gets none."""
     model = tiny_semaim()
     loss, _ = model(images(2), 0.0)
     loss.backward()
@@ -361,7 +361,7 @@ def test_a_few_steps_on_one_batch_lower_the_loss():
 
 
 def test_init_and_parameter_names():
-    """§2: upstream's names (query_blocks.i.attn.{q,k,v,proj}, prediction_head.fc1/fc2), xavier on each
+    """Upstream's names (query_blocks.i.attn.{q,k,v,proj}, prediction_head.fc1/fc2), xavier on each
     of q/k/v, zero biases, fixed sin-cos PE; the blur kernel is not saved; the exported state holds the
     encoder at the top level and loads strictly into a plain ViT."""
     model = tiny_semaim()

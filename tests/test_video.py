@@ -22,7 +22,8 @@ import eval_linear
 import hpm
 import training
 from common import clip_indices
-from conftest import DIRECTIONS, ROOT, TINY, make_clip_folder
+from conftest import ROOT, TINY
+from synthetic import DIRECTIONS, make_clip_folder
 from test_train import assert_equal_states
 from hpm import HPM, hard_count, mask_order, predicted_loss, tube_ids, tubelet_targets, visible_count
 
