@@ -248,6 +248,7 @@ def read_weights(path):
     read_torchscript, never torch.jit.load (which runs the archive's code); a .safetensors file through
     read_safetensors; anything else through torch.load(weights_only=True), which unpickles tensors and plain
     containers only. -> (state, facts): facts are a TorchScript archive's attributes (read_torchscript), else None."""
+    # NOTE(official): both repositories torch.load the CLIP file, which for a TorchScript archive runs its code.
     if not os.path.isfile(path):
         fail(f"--teacher {path} is not a file; pass a CLIP, DINO/timm ViT or our checkpoint.pth "
              "(docs/feature-targets.md)")
@@ -302,6 +303,8 @@ def attention_heads(path, kind, width, flag, stated=0, source=""):
     """The teacher's attention heads: what its files state (`source` names it), else --teacher_heads (`flag`), else
     the head width of the official towers of this width (HEAD_WIDTHS); one line where the flag contradicts the
     file, the heads do not divide the width, or nothing tells."""
+    # NOTE(official): HPM's models_clip.py build_model takes width // 64 heads; that is right for OpenAI's ViT-B/L
+    # but loads ViT-H/g/bigG (80, 88, 104-wide heads) strictly into the wrong heads, so the file's word comes first.
     if stated and flag and stated != flag:
         fail(f"--teacher_heads {flag} contradicts the {stated} heads {source} for --teacher {path}; "
              "drop --teacher_heads")
