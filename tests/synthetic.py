@@ -134,7 +134,7 @@ def parse(argv=None):
     clips.add_argument("--seed", type=int, default=0)
     clip = kinds.add_parser("clip-teacher", help="a tiny CLIP with random weights, open_clip's layout (needs open_clip)")
     clip.add_argument("path")
-    clip.add_argument("--archive", action="store_true", help="OpenAI's TorchScript layout (ViT-B-16.pt) instead")
+    clip.add_argument("--archive", action="store_true", help="OpenAI's TorchScript layout (ViT-B-16.pt) instead, 192 wide")
     clip.add_argument("--gelu", action="store_true", help="nn.GELU instead of QuickGELU (then pass --clip_act gelu)")
     vit = kinds.add_parser("timm-teacher", help="a tiny timm ViT with random weights (needs timm)")
     vit.add_argument("path")
@@ -152,7 +152,8 @@ def main(argv=None):
     elif args.kind == "clips":
         make_clip_folder(args.path, args.per_class, args.frames, args.size, args.seed)
     elif args.kind == "clip-teacher":
-        write_tiny_clip(args.path, quick_gelu=not args.gelu, archive=args.archive)
+        # an archive has no config beside it: 192 wide, whose 3 heads of 64 every official tower of that width has
+        write_tiny_clip(args.path, quick_gelu=not args.gelu, archive=args.archive, width=192 if args.archive else 128)
     else:
         write_timm_vit(args.path, wrap=not args.bare)
     print(args.path)
