@@ -25,7 +25,6 @@ Images: num_images of the folder, evenly spaced (so every class), centre-cropped
 crops are drawn as the training's multi-crop draws them. The same --seed draws the same picture.
 """
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -42,6 +41,11 @@ from torchvision import transforms
 from torchvision.transforms import functional as TF
 
 import common
+import droppos
+import hpm
+import mokd
+import scfs
+import semaim
 import training
 from common import fail
 
@@ -60,7 +64,7 @@ class Config:
     limits: ClassVar[dict] = {"num_images": "[1, inf)", "cell": "[1, inf)", "seed": "[0, 2147483647]"}
 
 
-METHODS = ("hpm", "droppos", "semaim", "mokd", "scfs")
+METHODS = {"hpm": hpm, "droppos": droppos, "semaim": semaim, "mokd": mokd, "scfs": scfs}  # by checkpoint["method"]
 
 # --- colours and cells ------------------------------------------------------------------------------
 GREY, RED, GREEN, CYAN = (torch.tensor(c) for c in ((.5, .5, .5), (1., 0., 0.), (0., .8, 0.), (0., 1., 1.)))
@@ -142,7 +146,6 @@ def local_crops(imgs, scale, size):
 
 # --- the methods: each returns [(title, (B, 3, H, W) in [0, 1])] --------------------------------------
 def draw_hpm(model, imgs, cfg, progress):
-    import hpm
     enc = model.encoder
     B, g, S, K = imgs.shape[0], enc.grid, enc.grid ** 2, model.num_visible
     M = S - K
@@ -182,7 +185,7 @@ def draw_hpm(model, imgs, cfg, progress):
     views.append(("real\nloss", cell_map(scaled(real), size)))
     if model.teacher is not None:
         hard = torch.zeros(B, S, dtype=torch.bool, device=imgs.device)
-        hard[:, S - num_hard:] = num_hard > 0  # mask_order sorts the num_hard mined patches last
+        hard[:, S - num_hard:] = True  # mask_order sorts the num_hard mined patches last
         hard = torch.zeros_like(hard).scatter(1, ids, hard)  # order positions -> patches
         views.append((f"hard\n{num_hard} of {M}", fill(fill(image, cells(mask & ~hard, size), GREY),
                                                         cells(hard, size), RED, 0.5)))
@@ -190,7 +193,6 @@ def draw_hpm(model, imgs, cfg, progress):
 
 
 def draw_droppos(model, imgs, cfg, progress):
-    import droppos
     enc = model.encoder
     B, g, N, p = imgs.shape[0], enc.grid, enc.num_patches, enc.patch_size
     size = g * p
@@ -216,7 +218,6 @@ def draw_droppos(model, imgs, cfg, progress):
 
 
 def draw_semaim(model, imgs, cfg, progress):
-    import semaim
     enc = model.encoder
     B, g, N, p = imgs.shape[0], enc.grid, enc.num_patches, enc.patch_size
     size = g * p
@@ -258,7 +259,6 @@ def draw_mokd(model, imgs, cfg, progress):
 
 
 def draw_scfs(model, imgs, cfg, progress):
-    import scfs
     size = cfg.input_size
     local, boxes = local_crops(imgs, (cfg.local_scale_min, cfg.local_scale_max), cfg.local_size)
     views = [("image", box_outline(pixels(imgs), boxes)), ("local\ncrop", pixels(local))]
@@ -293,7 +293,7 @@ def picture(views, cell):
 
 # --- a run's curves: one panel per logged value against the step, drawn with torch -------------------
 PANEL_W, PANEL_H, MARGIN, TITLE_ROW, PANELS_PER_ROW = 300, 150, 6, 14, 3
-LINE, BLACK = torch.tensor([0., .4, .8]), torch.tensor([0., 0., 0.])
+LINE, BLACK, FRAME = torch.tensor([0., .4, .8]), torch.tensor([0., 0., 0.]), torch.tensor([.8, .8, .8])
 NOT_CURVES = {"step", "epoch", "img_per_s", "peak_mem_gib"}  # the x axis, and throughput and memory
 
 
@@ -329,6 +329,8 @@ def curve_panel(name, steps, values):
     xs = left + 2 + (s - s0) / (s1 - s0) * (right - left - 2)
     ys = bottom - 2 - (v - v0) / (v1 - v0) * (bottom - top - 2)
     polyline(canvas, xs.float(), ys.float(), LINE)
+    edge = torch.tensor([0, 0, PANEL_W - 1, PANEL_W - 1, 0], dtype=torch.float)
+    polyline(canvas, edge, torch.tensor([0, PANEL_H - 1, PANEL_H - 1, 0, 0], dtype=torch.float), FRAME)  # the frame
     image = TF.to_pil_image(canvas)
     text(image, (MARGIN, 1), f"{name}: {values[0]:.4g} -> {values[-1]:.4g}  (min {min(values):.4g}, "
                              f"max {max(values):.4g})")
@@ -368,7 +370,7 @@ def draw_log(path):
     """-> the picture of every curve in the log, PANELS_PER_ROW panels a row, and the curves' names."""
     curves = read_curves(path)
     panels = torch.stack([curve_panel(name, *c) for name, c in curves.items()])
-    return torchvision.utils.make_grid(panels, nrow=PANELS_PER_ROW, padding=PAD, pad_value=0.8), list(curves)
+    return torchvision.utils.make_grid(panels, nrow=PANELS_PER_ROW, padding=PAD, pad_value=1.0), list(curves)
 
 
 # --- checkpoints, images, main ------------------------------------------------------------------------
@@ -383,7 +385,7 @@ def load_model(path, device):
     if method not in METHODS:
         fail(f"{path} is a checkpoint of {method}.py, and visualize.py draws the pre-training methods "
              f"({', '.join(METHODS)}); pass a checkpoint.pth of one of them")
-    module = importlib.import_module(method)
+    module = METHODS[method]
     names = {f.name for f in dataclasses.fields(module.Config)}
     cfg = module.Config(**{k: v for k, v in ckpt["config"].items() if k in names})  # missing fields: defaults
     model = module.build(cfg)
@@ -426,9 +428,9 @@ def draw_checkpoint(cfg):
     """-> the picture, its column titles, and a name for the kind of run (mae for HPM without a predictor, saim for
     SemAIM with the stochastic order)."""
     device = device_of(cfg.device)
-    model, mcfg, ckpt = load_model(cfg.checkpoint, device)
     if not cfg.data_path:
         fail("no --data_path given; pass a folder of images to draw (an ImageFolder such as cifar10/test)")
+    model, mcfg, ckpt = load_model(cfg.checkpoint, device)
     imgs = load_images(mcfg, cfg.data_path, cfg.num_images).to(device)
     progress = max(ckpt["epoch"] - 1, 0) / mcfg.epochs  # the schedules (HPM's hard share) of the last trained epoch
     torch.manual_seed(cfg.seed)  # the masks, orders and crops are the first draws after this
