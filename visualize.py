@@ -16,9 +16,10 @@ unless said; grey: masked, or no value there):
   semaim   image | semantic order (rank map, first = white) | the checkpoint's order if another (SAIM's stochastic,
            raster) | centre (the semantic centre patch) | prediction (every patch from the ones before it in the
            order, de-normalised with the blurred target's statistics; not for feature targets)
-  mokd     image (the local crop's box in cyan) | local crop | ViT attention (teacher ViT, last block, cls row, mean
-           over heads, as DINO's visualize_attention.py) | search in ViT (the CNN student's local-crop query in the
-           ViT teacher's T-Head: each token's attention to it) | search in CNN (the ViT's query, the CNN teacher)
+  mokd     image (the local crop's box in cyan) | local crop | ViT attention (teacher ViT, last block, cls row, the
+           mean over heads; DINO's visualize_attention.py draws each head) | search in ViT (the CNN student's
+           local-crop query in the ViT teacher's T-Head: each token's attention to it, first block) | search in CNN
+           (the ViT's query, the CNN teacher)
   scfs     image (box) | local crop | search at stage k = 2, 3, 4 (scfs.feature_search of the local crop's pooled
            student feature over the teacher's stage-k map of the image)
 Images: num_images of the folder, evenly spaced (so every class), centre-cropped as for evaluation; local
