@@ -58,6 +58,16 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, T, D/heads)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
+    def weights(self, x, attn_mask=None):
+        """The attention probabilities forward() applies to the values, (B, heads, T, T) in fp32, each row summing
+        to 1 (SDPA does not return them; for visualisation: DINO's cls attention, MOKD's search)."""
+        B, T, D = x.shape
+        q, k, _ = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        logits = (q.float() @ k.float().transpose(-2, -1)) * (D // self.num_heads) ** -0.5  # SDPA's default scale
+        if attn_mask is not None:
+            logits = logits.masked_fill(~attn_mask, float("-inf"))
+        return logits.softmax(-1)
+
 
 class Mlp(nn.Module):
     def __init__(self, dim, hidden):
@@ -186,6 +196,17 @@ class VisionTransformer(nn.Module):
 
     def forward(self, imgs):
         return self.forward_tokens(self.embed_patches(imgs))  # (B, 1 + N, D)
+
+    @torch.no_grad()
+    def last_attention(self, imgs):
+        """The last block's attention probabilities over [cls, patches], (B, heads, 1 + N, 1 + N): row 0 is the cls
+        attention that DINO's visualize_attention.py draws (its get_last_selfattention)."""
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(imgs.shape[0], -1, -1)
+        x = torch.cat([cls, self.embed_patches(imgs)], dim=1)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        last = self.blocks[-1]
+        return last.attn.weights(last.norm1(x))
 
 
 def resize_pos_embed(pos, grid):

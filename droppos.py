@@ -107,19 +107,26 @@ def position_loss(logits, targets, weights):
 
 
 @torch.no_grad()
+def position_errors(logits, labels, grid):
+    """Per token: the argmax cell (row-major), its L2 distance in cells from the true cell, and whether it is the
+    true cell or one of its 8 neighbours. logits (B, K, N), labels (B, K) row-major cells -> (B, K) each."""
+    pred = logits.argmax(-1)  # (B, K)
+    dr, dc = (pred // grid - labels // grid).float(), (pred % grid - labels % grid).float()
+    return pred, (dr ** 2 + dc ** 2).sqrt(), (dr.abs() <= 1) & (dc.abs() <= 1)
+
+
+@torch.no_grad()
 def position_metrics(logits, labels, drop, weights, grid):
     """Diagnostics of the argmax cell on the PE-dropped tokens, as detached scalars:
     acc_dropped (unweighted top-1), acc_weighted (upstream's acc1: weighted like the loss), grid_err
     (mean L2 distance in cells from the true cell), acc_within1 (argmax is the true cell or one of its 8
     neighbours). logits (B, K, N), labels (B, K) row-major cells, drop (B, K) bool, weights (B, K)."""
-    pred = logits.argmax(-1)  # (B, K)
+    pred, dist, near = position_errors(logits, labels, grid)  # (B, K) each
     d = drop.float()
     hit = (pred == labels).float()
-    dr, dc = (pred // grid - labels // grid).float(), (pred % grid - labels % grid).float()
-    near = ((dr.abs() <= 1) & (dc.abs() <= 1)).float()
     n = d.sum()
     return {"acc_dropped": (hit * d).sum() / n, "acc_weighted": (hit * weights).sum() / weights.sum(),
-            "grid_err": ((dr ** 2 + dc ** 2).sqrt() * d).sum() / n, "acc_within1": (near * d).sum() / n}
+            "grid_err": (dist * d).sum() / n, "acc_within1": (near.float() * d).sum() / n}
 
 
 class DropPos(nn.Module):

@@ -294,24 +294,33 @@ class HPM(nn.Module):
             return tubelet_targets(imgs, self.encoder.patch_size, self.encoder.tubelet_size, self.norm_pix_loss)
         return patchify(imgs, self.encoder.patch_size)
 
-    def forward(self, imgs, progress):
-        B, S, K, T = imgs.shape[0], self.encoder.grid ** 2, self.num_visible, self.encoder.time_grid
-        num_hard = self.num_hard(progress)
-        # NOTE(official): upstream runs the teacher pass even while n_hard = 0, when its output is unused
-        scores = self.teacher_scores(imgs) if num_hard > 0 else None
-        ids = mask_order(B, S, imgs.device, scores, num_hard)  # (B, S)
+    def reconstruct(self, imgs, ids):
+        """Encoder and both towers under the mask of a mask_order order ids (B, S). -> recon (B, T'M, P or C) and
+        loss (B, T'M) of the masked tokens (in the order of ids_masked), the predictor's scores of them (B, T'M;
+        None without a predictor), and ids_masked (B, T'M). forward's pass; visualize.py calls it too."""
+        S, K, T = self.encoder.grid ** 2, self.num_visible, self.encoder.time_grid
         # Clips: the same spatial mask in every time slice (tubes); n_hard counts tubes (our reading of the paper).
         ids_keep, ids_masked = tube_ids(ids[:, :K], T, S), tube_ids(ids[:, K:], T, S)  # (B, T'K), (B, T'M)
         latent = self.encoder.forward_tokens(gather_tokens(self.encoder.embed_patches(imgs), ids_keep))
         tokens = self.decoder_tokens(latent, ids_keep, ids_masked)  # (B, 1 + N, Dd), fed to both towers
         recon = self.decoder.head(self.decoder.features(tokens)[:, 1 + T * K:])  # (B, T'M, P or C)
         patch_loss = self.patch_losses(imgs, recon, ids_masked)  # (B, T'M)
+        pred = None
+        if self.predictor is not None:
+            # The predictor sees the same, non-detached tokens: its loss also trains the encoder (as upstream).
+            pred = predicted_loss(self.predictor, self.predictor.features(tokens))[:, 1 + T * K:]  # (B, T'M)
+        return recon, patch_loss, pred, ids_masked
+
+    def forward(self, imgs, progress):
+        num_hard = self.num_hard(progress)
+        # NOTE(official): upstream runs the teacher pass even while n_hard = 0, when its output is unused
+        scores = self.teacher_scores(imgs) if num_hard > 0 else None
+        ids = mask_order(imgs.shape[0], self.encoder.grid ** 2, imgs.device, scores, num_hard)  # (B, S)
+        _, patch_loss, pred, _ = self.reconstruct(imgs, ids)  # (B, T'M) each
         loss_rec = patch_loss.mean()  # = MAE's mask-weighted mean, M is the same for every image
         stats = {"loss_rec": loss_rec.detach()}
         if self.predictor is None:
             return loss_rec, stats
-        # The predictor sees the same, non-detached tokens: its loss also trains the encoder (as upstream).
-        pred = predicted_loss(self.predictor, self.predictor.features(tokens))[:, 1 + T * K:]  # (B, T'M)
         target_loss = patch_loss.detach()  # ranking targets carry no gradient (as upstream)
         # Clips: the pairs are all T'M masked tokens of one clip, across time slices too (the paper does not say).
         loss_pred = ranking_loss(pred, target_loss) if self.relative else absolute_loss(pred, target_loss)

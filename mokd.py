@@ -277,6 +277,15 @@ class THead(nn.Module):
     def forward(self, tokens, query=None):  # (R, T, D) -> (R, K)
         return self.last_layer(self.pooled(tokens, query))
 
+    @torch.no_grad()
+    def search_attention(self, tokens, query):
+        """Where the search finds the query: the first block's attention of every token to the prepended query,
+        the mean over heads (each token's share of attention on the query), as the query enters the head.
+        For visualisation. tokens (R, T, D), query (R, D) -> (R, T)"""
+        x = torch.cat([query.unsqueeze(1), tokens], dim=1)  # (R, 1 + T, D), as pooled() builds it
+        first = self.blocks[0]
+        return first.attn.weights(first.norm1(x))[:, :, 1:, 0].mean(1)
+
 
 class Net(nn.Module):
     """One network of the pair: backbone (torchvision ResNet or our ViT), MLP head, T-Head (or None)."""
