@@ -2,8 +2,8 @@
 One PNG grid, a row per image and a column per view, titled. Every map is computed by the method's own code (its mask
 functions, the loss predictor, the position decoder, the orders, the attention and the searches) on the checkpoint's
 weights, the model rebuilt from the config saved with them, at the last trained epoch's schedule.
-Run: python visualize.py --checkpoint output_hpm/checkpoint.pth --data_path cifar10/test [--num_images 8]
-     python visualize.py --log output_hpm/log.jsonl        (every logged curve against the step, a panel each)
+Run: python visualize.py --checkpoint runs/hpm/checkpoint.pth --data_path cifar10/test [--num_images 8]
+     python visualize.py --log runs/hpm/log.jsonl        (every logged curve against the step, a panel each)
 Columns (heat maps run black, purple, pink, peach, white = low to high, each image's map scaled to its own range
 unless said; grey: masked, or no value there):
   hpm      image | visible (the training step's mask) | reconstruction (visible patches + the decoder's) | predicted

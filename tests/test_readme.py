@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torchvision
 
 import bench
 import synthetic
@@ -22,7 +23,7 @@ from conftest import ROOT, make_image_folder
 
 PAGES = sorted([os.path.join(ROOT, "README.md"), os.path.join(ROOT, "tests", "README.md"),
                 *glob.glob(os.path.join(ROOT, "docs", "*.md"))])
-PROGRAMS = ("hpm", "droppos", "semaim", "mokd", "scfs", "finetune", "eval_linear")
+PROGRAMS = ("hpm", "droppos", "semaim", "mokd", "scfs", "finetune", "eval_linear", "visualize")
 
 
 def read(path):
@@ -97,7 +98,7 @@ def test_documented_command_parses(where, script, args, nodes, procs, monkeypatc
 
 def test_quick_start_runs_as_written(tmp_path):
     """The README's quick-start block, with a 2-class folder of 12 + 12 images for /path/to/cifar10 and nothing
-    else changed: pre-training, evaluation and fine-tuning chain through runs/quick and write only under runs/."""
+    else changed: pre-training, evaluation, fine-tuning and the picture chain through runs/quick and write only under runs/."""
     block = re.search(r"<!-- quickstart\b[^>]*-->\s*```bash\n(.*?)```", read(os.path.join(ROOT, "README.md")), re.S)
     assert block, "README.md has no ```bash block after a <!-- quickstart --> marker"
     data = tmp_path / "cifar10"
@@ -121,6 +122,8 @@ def test_quick_start_runs_as_written(tmp_path):
     assert probe["train_images"] == probe["val_images"] == 24 and 0 <= probe["linear_top1"] <= 100
     assert tuned["checkpoint"] == "runs/quick/checkpoint.pth" and tuned["val_images"] == 24 and tuned["epochs"] == 1
     assert (work / "runs" / "quick_finetune" / "checkpoint_best.pth").is_file()
+    picture = torchvision.io.decode_png(torchvision.io.read_file(str(work / "runs" / "quick" / "visualize.png")))
+    assert picture.shape[0] == 3 and picture.shape[1] > 8 * 32  # a row per image of the 8 drawn
     assert sorted(p.name for p in work.iterdir() if not p.is_symlink() and p.name != "__pycache__") == ["runs"]
 
 
