@@ -20,7 +20,8 @@ import scfs
 import semaim
 import training
 import visualize
-from conftest import ROOT, cpu_context, make_clip_folder, tiny_args
+from conftest import ROOT, cpu_context, tiny_args
+from synthetic import make_clip_folder
 
 MODULES = {"hpm": hpm, "droppos": droppos, "semaim": semaim, "mokd": mokd, "scfs": scfs}
 # kind: (method, extra flags, columns as the docstring of visualize.py states them)
