@@ -77,7 +77,7 @@ def test_batch_not_divisible_and_zero_epochs(name):
     message = error_of(lambda: training.parse_config(module.Config, ["--batch_size", "10", "--micro_batch", "4"]))
     assert message.startswith("error: --batch_size 10 is not a multiple of --micro_batch 4 x 1 process(es)")
     assert error_of(lambda: training.parse_config(module.Config, ["--epochs", "0"])) == (
-        "error: --epochs 0 is out of range; pass a value in [1, inf)")
+        "error: --epochs 0 is out of range; pass a value in [1, 10000]")
 
 
 def test_resuming_a_finished_run_says_so_and_exits_0(image_root, tmp_path, capsys):
