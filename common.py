@@ -79,16 +79,29 @@ class Mlp(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the residual branch of a whole sample with probability p."""
+    """Stochastic depth: drop the residual branch of a whole sample with probability p. The keep probability is a
+    buffer (not saved), not a Python float, so torch.compile traces one graph for blocks of every rate: a float would
+    be a constant of the graph, one recompile per block of a linearly rising rate (past dynamo's recompile limit,
+    after which blocks run eagerly). Only `active` (p > 0) is a graph constant."""
     def __init__(self, p=0.0):
         super().__init__()
+        self.register_buffer("keep_prob", torch.tensor(1.0), persistent=False)
         self.p = p
 
+    @property
+    def p(self):
+        return self._p
+
+    @p.setter
+    def p(self, value):  # also settable later (MOKD's teacher: 0)
+        self._p, self.active = float(value), value > 0
+        self.keep_prob.fill_(1.0 - value)
+
     def forward(self, x):
-        if self.p == 0.0 or not self.training:
+        if not self.active or not self.training:
             return x
-        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
+        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(self.keep_prob)  # (B, 1, ...)
+        return x * keep / self.keep_prob
 
 
 class Block(nn.Module):
@@ -354,8 +367,58 @@ class CIFAR10(torchvision.datasets.CIFAR10):
         return (*super().__getitem__(i), 0)
 
 
-def image_dataset(path, transform, data_root="./data", train=True):
-    """An ImageFolder directory, or `cifar10` (torchvision's, downloaded into data_root); one-line errors."""
+SPLITS = ("train", "val", "test")
+
+
+def check_not_a_root(path, holds_samples, of_root=False):
+    """Stop when `path`, read as one split of class folders, is a level too high: its folders are exactly splits
+    (train/, val/, test/: a data root, which ImageFolder would read as classes, mixing the splits), or none of them
+    holds a sample directly and they hold folders (a folder of data sets). holds_samples(folder) -> bool.
+    of_root: path is the train/ or val/ split a program found inside --data_path (finetune.py, eval_linear.py)."""
+    folders = sorted(e.name for e in os.scandir(path) if e.is_dir())
+    if not folders:
+        return
+    inside = [os.path.join(path, f) for f in folders]
+    splits = set(folders) <= set(SPLITS)
+    if not splits and (any(holds_samples(f) for f in inside)
+                       or not any(e.is_dir() for f in inside for e in os.scandir(f))):
+        return
+    first = "train" if "train" in folders else folders[0]
+    what = "the splits of a data set" if splits else "folders of folders"
+    if not of_root:
+        fix = f"pass --data_path {os.path.join(path, first)}"
+    else:  # the program looked for its splits inside --data_path; this split is itself a data root, or deeper
+        fix = f"pass --data_path {path}" if splits else "pass a --data_path whose train/ and val/ hold class folders"
+    fail(f"{path} holds {', '.join(f + '/' for f in folders[:4])}{', ...' if len(folders) > 4 else ''} ({what}), not "
+         f"class folders of samples: read as classes they would mix; {fix}")
+
+
+def holds_images(folder):
+    """Does the folder hold an image file itself (not in a sub-folder)? Stops at the first one."""
+    return any(e.is_file() and e.name.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)
+               for e in os.scandir(folder))
+
+
+def split_folders(path, kind="ImageFolders", purpose=""):
+    """(path/train, path/val or else path/test) of a data root, for the programs that evaluate (finetune.py,
+    eval_linear.py); one-line errors: no path, a split passed for the root (pass its parent), a split missing."""
+    if not path:
+        fail(f"no --data_path given; pass a folder holding train/ and val/ (or test/) {kind}")
+    train = os.path.join(path, "train")
+    val = next((os.path.join(path, d) for d in ("val", "test") if os.path.isdir(os.path.join(path, d))), None)
+    if os.path.isdir(train) and val:
+        return train, val
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(os.path.abspath(path)) in SPLITS and os.path.isdir(os.path.join(parent, "train")):
+        fail(f"--data_path {path} is one split of a data set; {purpose}pass the folder that holds train/ and val/: "
+             f"--data_path {os.path.dirname(os.path.normpath(path)) or '.'}")
+    missing = " and ".join(d for d, ok in (("train/", os.path.isdir(train)), ("val/ (or test/)", val)) if not ok)
+    fail(f"--data_path {path} has no {missing} folder; {purpose}pass a folder holding train/ and val/ (or test/) {kind}")
+
+
+def image_dataset(path, transform, data_root="./data", train=True, of_root=False):
+    """An ImageFolder directory, or `cifar10` (torchvision's, downloaded into data_root); one-line errors, also for
+    a data root or a folder of data sets passed as the folder of class folders (check_not_a_root)."""
     if path == "cifar10":
         try:
             return CIFAR10(data_root, train=train, transform=transform, download=True)
@@ -366,6 +429,7 @@ def image_dataset(path, transform, data_root="./data", train=True):
         fail("no --data_path given; pass an ImageFolder directory (one sub-folder per class) or cifar10")
     if not os.path.isdir(path):
         fail(f"--data_path {path} is not a directory; pass an ImageFolder directory (one sub-folder per class)")
+    check_not_a_root(path, holds_images, of_root)
     try:
         return ImageFolder(path, transform=transform)
     except (FileNotFoundError, RuntimeError) as e:  # no class folders / no image files
@@ -437,9 +501,10 @@ class ClipFolder(torch.utils.data.Dataset):
     or a video file (decoded with TorchCodec). A sample is num_frames frames sampling_rate apart (clip_indices) from
     a random start (VideoMAE's _sample_train_indices: uniform over the starts that fit, else 0), or from the centre
     with train=False, through `transform` -> (clip (3, T, H, W), label, skipped). Unreadable videos are skipped as
-    ImageFolder's images: named once (with the frame at fault), replaced by the next video, counted."""
+    ImageFolder's images: named once (with the frame at fault), replaced by the next video, counted. Sampled frames of
+    different sizes are resized to the first one's (one warning per video), so one crop fits them all."""
     max_skips = 16
-    reported = set()  # per process
+    reported = set()  # per process: unreadable videos, videos with frames of other sizes, 'short' (a video file)
 
     def __init__(self, root, transform, num_frames, sampling_rate, train=True):
         self.root, self.transform, self.num_frames, self.rate, self.train = (
@@ -471,14 +536,32 @@ class ClipFolder(torch.utils.data.Dataset):
                         frames[i] = img.convert("RGB")
                 except Exception as e:
                     raise OSError(f"frame {frame}: {type(e).__name__}: {e}") from e
-            return [frames[i] for i in ids]
+            return self.same_size(path, [frames[i] for i in ids])
         from torchcodec.decoders import VideoDecoder  # checked by clip_dataset
         decoder = VideoDecoder(path)
+        if len(decoder) < self.num_frames * self.rate and "short" not in self.reported:  # frame folders: clip_dataset
+            self.reported.add("short")
+            print(f"warning: {path} has {len(decoder)} frames, fewer than --num_frames {self.num_frames} x "
+                  f"--sampling_rate {self.rate} = {self.num_frames * self.rate}: its clips may repeat frames "
+                  "(VideoMAE's rule); other short video files are not named", file=sys.stderr)
         ids = clip_indices(len(decoder), self.num_frames, self.rate, self.start(len(decoder)))
         unique = sorted(set(ids))
         data = decoder.get_frames_at(unique).data  # (k, 3, H, W) uint8
         frames = {i: Image.fromarray(x.permute(1, 2, 0).numpy()) for i, x in zip(unique, data)}
         return [frames[i] for i in ids]
+
+    def same_size(self, path, frames):
+        """The frames, each resized to the first one's size if they differ (named once per video): the clip's crop
+        is placed by the first frame's size, so a frame of another size would be cut elsewhere or padded black."""
+        size = frames[0].size
+        if all(f.size == size for f in frames):
+            return frames
+        if (path, "sizes") not in self.reported:
+            self.reported.add((path, "sizes"))
+            sizes = ", ".join(f"{w}x{h}" for w, h in sorted({f.size for f in frames}))
+            print(f"warning: the frames of video {path} differ in size ({sizes}); each is resized to the first "
+                  f"frame's {size[0]}x{size[1]}", file=sys.stderr)
+        return [f if f.size == size else f.resize(size, Image.BILINEAR) for f in frames]
 
     def __getitem__(self, index):
         for skipped in range(self.max_skips):
@@ -494,12 +577,29 @@ class ClipFolder(torch.utils.data.Dataset):
         return self.transform([Image.new("RGB", (8, 8))] * self.num_frames), label, -(index + 1)
 
 
-def clip_dataset(path, transform, num_frames, sampling_rate, train=True):
-    """A ClipFolder with one-line errors (no folder, no videos, video files without TorchCodec)."""
+def holds_videos(folder):
+    """Does the class folder hold a video itself: a video file, or a folder with frames in it? Stops at the first."""
+    for e in os.scandir(folder):
+        if e.is_file() and e.name.lower().endswith(VIDEO_EXTENSIONS):
+            return True
+        if e.is_dir() and any(f.name.lower().endswith(FRAME_EXTENSIONS) for f in os.scandir(e.path)):
+            return True
+    return False
+
+
+def count_frames(folder):
+    return sum(1 for e in os.scandir(folder) if e.name.lower().endswith(FRAME_EXTENSIONS))
+
+
+def clip_dataset(path, transform, num_frames, sampling_rate, train=True, of_root=False):
+    """A ClipFolder with one-line errors (no folder, a data root or a folder of data sets (check_not_a_root), no
+    videos, video files without TorchCodec), and one line on the frame-folder videos shorter than a clip's span
+    (num_frames x sampling_rate frames; counted here, on the first process; video files are named when read)."""
     if not path:
         fail("no --data_path given; pass a folder of class folders of videos (frame folders or video files)")
     if not os.path.isdir(path):
         fail(f"--data_path {path} is not a directory; pass a folder of class folders of videos")
+    check_not_a_root(path, holds_videos, of_root)
     dataset = ClipFolder(path, transform, num_frames, sampling_rate, train)
     if not dataset.samples:
         fail(f"no videos found under {path}; clips need <path>/<class>/<video>/<frame>.jpg or "
@@ -508,6 +608,14 @@ def clip_dataset(path, transform, num_frames, sampling_rate, train=True):
     if files and importlib.util.find_spec("torchcodec") is None:
         fail(f"{path} holds video files (such as {files[0]}) and decoding them needs TorchCodec (torchvision no longer "
              "decodes video); pip install torchcodec, or extract the frames into <class>/<video>/<frame>.jpg")
+    span = num_frames * sampling_rate
+    if int(os.environ.get("RANK", 0)) == 0:
+        short = [(n, p) for p, _ in dataset.samples if os.path.isdir(p) for n in [count_frames(p)] if n < span]
+        if short:
+            n, p = min(short)
+            print(f"warning: {len(short)} of {len(dataset)} videos in {path} have fewer than --num_frames {num_frames} "
+                  f"x --sampling_rate {sampling_rate} = {span} frames (the shortest, {p}, has {n}): their clips start "
+                  "at the first frame and may repeat frames (VideoMAE's rule)", file=sys.stderr)
     return dataset
 
 
@@ -545,7 +653,10 @@ class Batches:
 
     def __init__(self, dataset, cfg, ctx, labels=False):
         self.files = getattr(dataset, "samples", None)  # (path, label) per index, to name an unreadable file
+        self.kind = "clips" if isinstance(dataset, ClipFolder) else "images"
+        self.total, self.classes, self.limit = len(dataset), len(getattr(dataset, "classes", ())), cfg.limit
         dataset = subset(dataset, cfg.limit)
+        self.size = len(dataset)  # what is trained on: --limit of them
         per_process = cfg.batch_size // ctx.world
         if cfg.batch_size % ctx.world or per_process % cfg.micro_batch:
             fail(f"--batch_size {cfg.batch_size} is not a multiple of --micro_batch {cfg.micro_batch} x {ctx.world} "
@@ -572,6 +683,12 @@ class Batches:
             fail(f"{len(dataset)} images are fewer than the {ctx.world} processes; pass a data set with more images")
         self.seed, self.device, self.read, self.skipped = cfg.seed, ctx.device, 0, 0
         self.labels = labels
+
+    def found(self):
+        """'24 images in 2 classes', or with --limit '8 of 24 images in 2 classes (--limit 8)'."""
+        limited = f"{self.size} of " if self.size < self.total else ""
+        return (f"{limited}{self.total} {self.kind} in {self.classes} class{'es' * (self.classes != 1)}"
+                + (f" (--limit {self.limit})" if limited else ""))
 
     def epoch(self, epoch):
         """The epoch's optimizer steps, each a Step of `accum` micro-batches on the device."""

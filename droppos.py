@@ -50,9 +50,9 @@ class Config(TrainConfig):
     clip_grad: float = 5.0  # clip each parameter's gradient norm on its own, DINO-style (upstream utils.py); 0: off
 
     limits: ClassVar[dict] = {
-        "input_size": "[1, inf)", "patch_size": "[1, inf)", "drop_path": "[0, 1)", "decoder_dim": "[1, inf)",
+        "input_size": "[1, 4096]", "patch_size": "[1, inf)", "drop_path": "[0, 1)", "decoder_dim": "[1, inf)",
         "decoder_depth": "[1, inf)", "decoder_heads": "[1, inf)", "mask_ratio": "(0, 1)", "pos_mask_ratio": "(0, 1)",
-        "sigma": "[0, inf)", "warmup_epochs": "[0, inf)", "blr": "(0, inf)", "min_lr": "[0, inf)",
+        "sigma": "[0, inf)", "warmup_epochs": "[0, 10000]", "blr": "(0, inf)", "min_lr": "[0, inf)",
         "weight_decay": "[0, inf)", "clip_grad": "[0, inf)"}
     presets: ClassVar[dict] = {
         # ViT-Tiny/4 at 32 px (8 x 8 grid: 16 visible, 4 keep their PE, 12 dropped), every ratio, sigma0
@@ -253,10 +253,10 @@ def main(cfg):
         training.compile_blocks(model)
     ddp = training.wrap_ddp(model, ctx)
     log = training.Logger(cfg, ctx, steps_per_epoch, start_epoch)
-    log.run_line("droppos", model, batches.accum, blr=cfg.blr)
+    log.run_line("droppos", model, batches, blr=cfg.blr)
     log.info(f"droppos: {model.num_visible} of {model.encoder.num_patches} patches visible, "  # method-specific
              f"{model.num_visible - model.num_keep_pos} of them without their position")
-    log.warmups(lr=cfg.warmup_epochs)
+    log.warmups(lr="warmup_epochs")
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()

@@ -7,7 +7,7 @@ Run: python eval_linear.py --checkpoint runs/hpm/checkpoint.pth --data_path /ima
      (a video checkpoint: data_path holds train/ and val/ folders of class folders of videos)
 The last line printed is JSON with knn_top1 and linear_top1 (percent)."""
 import json
-import os
+import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,7 +24,7 @@ class Config:
     checkpoint: str = ""  # checkpoint.pth written by hpm.py (or another of our training scripts)
     data_path: str = ""  # root holding train/ and val/ (or test/) ImageFolders (video checkpoints: clip folders)
     batch_size: int = 256  # images per forward pass during feature extraction
-    num_workers: int = 8  # data loader processes
+    num_workers: int = 8  # data loader processes; if not given, at most the CPU cores
     device: str = "auto"  # auto (cuda if available), cuda or cpu
     limit: int = 0  # use at most this many images per split, evenly spaced (0: all)
     knn_k: int = 20  # neighbours in the k-NN vote (DINO: 20)
@@ -34,8 +34,8 @@ class Config:
     seed: int = 0  # linear-probe initialisation and shuffling
     encoder: str = ""  # which encoder of a multi-encoder checkpoint (MOKD: cnn or vit); default: the only one
 
-    limits: ClassVar[dict] = {"batch_size": "[1, inf)", "num_workers": "[0, inf)", "limit": "[0, inf)",
-                              "knn_k": "[1, inf)", "knn_temperature": "(0, inf)", "probe_epochs": "[1, inf)",
+    limits: ClassVar[dict] = {"batch_size": "[1, inf)", "num_workers": "[0, 256]", "limit": "[0, inf)",
+                              "knn_k": "[1, inf)", "knn_temperature": "(0, inf)", "probe_epochs": "[1, 10000]",
                               "probe_lr": "(0, inf)", "seed": "[0, 2147483647]"}
 
 
@@ -103,25 +103,32 @@ def main(cfg):
         common.fail("no --checkpoint given; pass the checkpoint.pth of a training run")
     encoder, ckpt, arch = training.load_encoder(cfg.checkpoint, cfg.encoder)
     encoder.to(device)
-    val_dir = next((os.path.join(cfg.data_path, d) for d in ("val", "test")
-                    if os.path.isdir(os.path.join(cfg.data_path, d))), None)
-    if val_dir is None or not os.path.isdir(os.path.join(cfg.data_path, "train")):
-        kind = "folders of class folders of videos" if arch.get("num_frames", 1) > 1 else "ImageFolders"
-        common.fail(f"--data_path {cfg.data_path!r} must hold train/ and val/ (or test/) {kind}")
-    splits = {}
-    for name, path in (("train", os.path.join(cfg.data_path, "train")), ("val", val_dir)):
-        if arch.get("num_frames", 1) > 1:  # the centre clip of each video, each frame as an image
+    clips = arch.get("num_frames", 1) > 1
+    folders = common.split_folders(cfg.data_path, "folders of class folders of videos" if clips else "ImageFolders")
+    datasets, found = {}, []
+    for name, path in zip(("train", "val"), folders):
+        if clips:  # the centre clip of each video, each frame as an image
             dataset = common.clip_dataset(path, common.ClipTransform(common.eval_transform(arch["input_size"])),
-                                          arch["num_frames"], ckpt["config"].get("sampling_rate", 1), train=False)
-            splits[name] = extract(encoder, common.subset(dataset, cfg.limit), cfg, device, name, pool="mean")
+                                          arch["num_frames"], ckpt["config"].get("sampling_rate", 1), train=False,
+                                          of_root=True)
         else:
-            dataset = common.image_dataset(path, common.eval_transform(arch["input_size"]))
-            splits[name] = extract(encoder, common.subset(dataset, cfg.limit), cfg, device, name)
+            dataset = common.image_dataset(path, common.eval_transform(arch["input_size"]), of_root=True)
+        datasets[name] = common.subset(dataset, cfg.limit)
+        limited = f"{len(datasets[name])} of " if len(datasets[name]) < len(dataset) else ""
+        found.append(f"{name} {limited}{len(dataset)} {'clips' if clips else 'images'} in {len(dataset.classes)} "
+                     f"classes")
         num_classes = len(dataset.classes)
-    (train_x, train_y), (val_x, val_y) = splits["train"], splits["val"]
+    print(f"eval_linear: {arch['model']} from {cfg.checkpoint} ({ckpt['method']}, epoch {ckpt['epoch']}); "
+          f"{', '.join(found)}{f' (--limit {cfg.limit})' if cfg.limit else ''}; {device}", file=sys.stderr)
+    (train_x, train_y), (val_x, val_y) = (extract(encoder, datasets[name], cfg, device, name,
+                                                  pool="mean" if clips else "cls") for name in ("train", "val"))
+    k = min(cfg.knn_k, len(train_x))
+    if k < cfg.knn_k:
+        print(f"eval_linear: --knn_k {cfg.knn_k} is more than the {len(train_x)} training samples; the k-NN vote "
+              f"uses all {k}", file=sys.stderr)
     result = {"checkpoint": cfg.checkpoint, "method": ckpt["method"], "epoch": ckpt["epoch"],
-              "model": arch["model"], "train_images": len(train_x), "val_images": len(val_x),
-              "knn_top1": knn_top1(train_x, train_y, val_x, val_y, cfg.knn_k, cfg.knn_temperature, num_classes),
+              "model": arch["model"], "train_images": len(train_x), "val_images": len(val_x), "knn_k": k,
+              "knn_top1": knn_top1(train_x, train_y, val_x, val_y, k, cfg.knn_temperature, num_classes),
               "linear_top1": linear_top1(train_x, train_y, val_x, val_y, num_classes, cfg)}
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}))
     return result

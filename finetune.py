@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -57,10 +58,10 @@ class Config(training.TrainConfig):
     reprob: float = 0.25  # random erasing probability, per-pixel normal noise (main_finetune.py)
 
     limits: ClassVar[dict] = {
-        "input_size": "[1, inf)", "patch_size": "[1, inf)", "drop_path": "[0, 1)", "warmup_epochs": "[0, inf)",
+        "input_size": "[1, 4096]", "patch_size": "[1, inf)", "drop_path": "[0, 1)", "warmup_epochs": "[0, 10000]",
         "blr": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)", "layer_decay": "(0, 1]",
         "clip_grad": "[0, inf)", "smoothing": "[0, 1)", "mixup": "[0, inf)", "cutmix": "[0, inf)",
-        "mixup_switch_prob": "[0, 1]", "crop_scale": "(0, 1]", "rand_ops": "[0, inf)", "rand_magnitude": "[0, 10]",
+        "mixup_switch_prob": "[0, 1]", "crop_scale": "(0, 1]", "rand_ops": "[0, 10]", "rand_magnitude": "[0, 10]",
         "reprob": "[0, 1]"}
     presets: ClassVar[dict] = {
         # ViT-Tiny/4 at 32 px, the size of our methods' cifar10 presets; our small-scale choice, not a paper's. Layer
@@ -207,17 +208,10 @@ def datasets(cfg):
     if cfg.data_path == "cifar10":
         return (common.image_dataset("cifar10", train_tf, cfg.data_root),
                 common.image_dataset("cifar10", eval_tf, cfg.data_root, train=False))
-    if not cfg.data_path:
-        common.fail("no --data_path given; pass a folder holding train/ and val/ ImageFolders, or cifar10")
-    train_dir = os.path.join(cfg.data_path, "train")
-    val_dir = next((os.path.join(cfg.data_path, d) for d in ("val", "test")
-                    if os.path.isdir(os.path.join(cfg.data_path, d))), None)
-    if not os.path.isdir(train_dir) or val_dir is None:
-        missing = " and ".join(d for d, ok in (("train/", os.path.isdir(train_dir)), ("val/ (or test/)", val_dir))
-                               if not ok)
-        common.fail(f"--data_path {cfg.data_path} has no {missing} folder; fine-tuning trains on train/ and evaluates "
-                    "on val/ after every epoch: pass a folder holding both ImageFolders")
-    train_set, val_set = common.image_dataset(train_dir, train_tf), common.image_dataset(val_dir, eval_tf)
+    train_dir, val_dir = common.split_folders(cfg.data_path, "ImageFolders (or cifar10)", "fine-tuning trains on "
+                                              "train/ and evaluates on val/ after every epoch: ")
+    train_set = common.image_dataset(train_dir, train_tf, of_root=True)
+    val_set = common.image_dataset(val_dir, eval_tf, of_root=True)
     if val_set.classes != train_set.classes:
         common.fail(f"{val_dir} has other classes than {train_dir} ({len(val_set.classes)} vs "
                     f"{len(train_set.classes)} folders, or other names); both need the same class folders")
@@ -229,6 +223,10 @@ def load_pretrained(cfg):
     that encoder's --model and --patch_size (the checkpoint decides; the saved config says what was trained), and a
     line that says where the weights come from. -> (encoder, cfg, line)"""
     encoder, ckpt, arch = training.load_encoder(cfg.checkpoint, cfg.encoder)
+    if arch.get("num_frames", 1) > 1:
+        common.fail(f"{cfg.checkpoint} holds a video encoder ({arch['num_frames']} frames per clip), and finetune.py "
+                    "fine-tunes image classifiers only; evaluate it on clips with eval_linear.py (k-NN and linear "
+                    "probe), or pass the checkpoint of a pre-training run on images")
     if arch["model"] not in common.VIT_SIZES:
         common.fail(f"{cfg.checkpoint} holds a {arch['model']} encoder, and fine-tuning takes ViT encoders (hpm.py, "
                     "droppos.py, semaim.py, mokd.py --encoder vit); evaluate ResNets (MOKD's cnn, SCFS) with "
@@ -332,15 +330,43 @@ def keep_best(path, output_dir):
     os.replace(best + ".tmp", best)
 
 
+def epoch_of(path):
+    """(epoch, best_top1, best_epoch) of a fine-tuning checkpoint (mmap: the weights are not read), or None if it is
+    not one (training.resume then says what is wrong)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    if not (isinstance(ckpt, dict) and ckpt.get("method") == "finetune" and isinstance(ckpt.get("epoch"), int)):
+        return None
+    return ckpt["epoch"], ckpt.get("best_top1"), ckpt.get("best_epoch")
+
+
 def resume_best(cfg, ctx):
-    """(best top-1, the epoch count of its checkpoint) of the run being resumed, from its checkpoint (mmap: the
-    weights are not read). If that checkpoint is the best one, it is copied again: the run may have stopped between
-    writing it and copying it."""
+    """(best top-1, the epoch count of its checkpoint) of the run being resumed, or (None, None). Called before
+    anything else reads the checkpoint, on every rerun (a finished one too): if the checkpoint is the best one and
+    checkpoint_best.pth is not that epoch's, it is copied again (a run killed between writing the checkpoint and
+    copying it, even in its last epoch); a best checkpoint of an earlier epoch that is gone cannot be rebuilt, and
+    one line says so."""
     path = cfg.resume or os.path.join(cfg.output_dir, "checkpoint.pth")
-    resumed = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if ctx.main and resumed.get("best_epoch") == resumed["epoch"]:
-        keep_best(path, cfg.output_dir)
-    return resumed.get("best_top1"), resumed.get("best_epoch")
+    resumed = epoch_of(path) if os.path.isfile(path) else None
+    if resumed is None:
+        return None, None
+    epoch, best_top1, best_epoch = resumed
+    best = os.path.join(cfg.output_dir, "checkpoint_best.pth")
+    if ctx.main and best_epoch is not None:
+        if os.path.exists(best + ".tmp"):  # a copy killed mid-write
+            os.remove(best + ".tmp")
+        have = epoch_of(best) if os.path.isfile(best) else None
+        ours = os.path.samefile(os.path.dirname(os.path.abspath(path)), cfg.output_dir)  # not --resume from elsewhere
+        if best_epoch == epoch and (have is None or have[0] != epoch):
+            keep_best(path, cfg.output_dir)
+            print(f"{best} restored: the best top-1 ({best_top1:.2f}) is the last checkpoint's, epoch {epoch}",
+                  file=sys.stderr)
+        elif ours and (have is None or have[0] != best_epoch):
+            print(f"warning: {best} (epoch {best_epoch}, top-1 {best_top1:.2f}) is missing or another epoch's, and "
+                  "only the last checkpoint is kept: it cannot be rebuilt", file=sys.stderr)
+    return best_top1, best_epoch
 
 
 def main(cfg):
@@ -353,20 +379,19 @@ def main(cfg):
     batches = common.Batches(train_set, cfg, ctx, labels=True)
     steps_per_epoch, total_steps = batches.steps_per_epoch, cfg.epochs * batches.steps_per_epoch
     optimizer, schedule = make_optimizer(model, cfg, steps_per_epoch)
+    best_top1, best_epoch = resume_best(cfg, ctx)  # method-specific: before resume, which stops a finished run
     start_epoch = training.resume(cfg, "finetune", model, optimizer, ctx)
-    best_top1, best_epoch = resume_best(cfg, ctx) if start_epoch else (None, None)
     if cfg.compile:
         training.compile_blocks(model)
     ddp = training.wrap_ddp(model, ctx)
     log = training.Logger(cfg, ctx, steps_per_epoch, start_epoch)
-    log.run_line("finetune", model, batches.accum, blr=cfg.blr)
-    log.info(f"finetune: {source}; {len(train_set.classes)} classes, {len(train_set)} training and "  # method-specific
-             f"{len(val_set)} validation images; layer decay {cfg.layer_decay} (the first block at "
-             f"{cfg.layer_decay ** len(model.encoder.blocks):.2g} x the lr)")
+    log.run_line("finetune", model, batches, blr=cfg.blr)
+    log.info(f"finetune: {source}; {len(val_set)} validation images; layer decay {cfg.layer_decay} (the first "
+             f"block at {cfg.layer_decay ** len(model.encoder.blocks):.2g} x the lr)")  # method-specific
     if pretrained is None and cfg.layer_decay < 1:
         log.info(f"finetune: training from scratch with --layer_decay {cfg.layer_decay}: the lower blocks barely "
                  "move; --layer_decay 1.0 is the usual choice from scratch")
-    log.warmups(lr=cfg.warmup_epochs)
+    log.warmups(lr="warmup_epochs")
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
@@ -389,7 +414,7 @@ def main(cfg):
                           "best_top1": round(best_top1, 2), "best_epoch": best_epoch,
                           "epochs": cfg.epochs, "checkpoint": cfg.checkpoint, "encoder": cfg.encoder,
                           "model": cfg.model, "patch_size": cfg.patch_size, "input_size": cfg.input_size,
-                          "train_images": len(train_set), "val_images": len(val_set)}), flush=True)
+                          "train_images": batches.size, "val_images": len(val_set)}), flush=True)
     return model
 
 

@@ -59,10 +59,10 @@ class Config(TrainConfig):
     clip_grad: float = 5.0  # global grad-norm clip, on by default in the official loss scaler (util/misc.py); 0: none
 
     limits: ClassVar[dict] = {
-        "input_size": "[1, inf)", "patch_size": "[1, inf)", "num_frames": "[1, inf)", "tubelet_size": "[1, inf)",
+        "input_size": "[1, 4096]", "patch_size": "[1, inf)", "num_frames": "[1, inf)", "tubelet_size": "[1, inf)",
         "sampling_rate": "[1, inf)", "drop_path": "[0, 1)", "decoder_dim": "[1, inf)",
         "decoder_depth": "[1, inf)", "decoder_heads": "[1, inf)", "mask_ratio": "(0, 1)", "hard_ratio_max": "[0, 1]",
-        "warmup_epochs": "[0, inf)", "blr": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)",
+        "warmup_epochs": "[0, 10000]", "blr": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)",
         "clip_grad": "[0, inf)", "teacher_heads": "[0, inf)"}
     presets: ClassVar[dict] = {
         # ViT-Tiny/4 at 32 px with a light decoder; learns in well under an hour on one GPU.
@@ -416,10 +416,10 @@ def main(cfg):
         training.compile_blocks(model)
     ddp = training.wrap_ddp(model, ctx)
     log = training.Logger(cfg, ctx, steps_per_epoch, start_epoch)
-    log.run_line("hpm", model, batches.accum, blr=cfg.blr)
+    log.run_line("hpm", model, batches, blr=cfg.blr)
     if model.feature_teacher is not None:  # method-specific
         log.info(f"hpm: targets are the tokens of {cfg.teacher}: {model.feature_teacher.name}")
-    log.warmups(lr=cfg.warmup_epochs)
+    log.warmups(lr="warmup_epochs")
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()

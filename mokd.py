@@ -80,16 +80,16 @@ class Config(TrainConfig):
     freeze_last_layer: int = 1  # epochs without updates of every *last_layer* parameter (official README: 1)
 
     limits: ClassVar[dict] = {
-        "input_size": "[1, inf)", "local_size": "[1, inf)", "patch_size": "[1, inf)", "local_crops": "[1, inf)",
+        "input_size": "[1, 4096]", "local_size": "[1, 4096]", "patch_size": "[1, inf)", "local_crops": "[1, inf)",
         "global_scale_min": "(0, 1]", "local_scale_min": "(0, 1]", "blur_radius_min": "[0, inf)",
         "blur_radius_max": "[0, inf)", "drop_path": "[0, 1)", "out_dim": "[1, inf)", "hidden_dim": "[1, inf)",
         "bottleneck_dim": "[1, inf)", "thead_depth": "[1, inf)", "thead_heads": "[1, inf)", "lambda_cnn": "[0, inf)",
         "lambda_vit": "[0, inf)", "warmup_teacher_temp": "(0, inf)", "teacher_temp": "(0, inf)",
-        "teacher_temp_epochs_cnn": "[0, inf)", "teacher_temp_epochs_vit": "[0, inf)", "student_temp": "(0, inf)",
-        "center_momentum": "[0, 1]", "momentum_teacher": "[0, 1]", "warmup_epochs": "[0, inf)", "blr_cnn": "(0, inf)",
+        "teacher_temp_epochs_cnn": "[0, 10000]", "teacher_temp_epochs_vit": "[0, 10000]", "student_temp": "(0, inf)",
+        "center_momentum": "[0, 1]", "momentum_teacher": "[0, 1]", "warmup_epochs": "[0, 10000]", "blr_cnn": "(0, inf)",
         "blr_vit": "(0, inf)", "min_lr_cnn": "[0, inf)", "min_lr_vit": "[0, inf)", "weight_decay_cnn": "[0, inf)",
         "weight_decay_vit": "[0, inf)", "weight_decay_vit_end": "[0, inf)", "clip_grad_cnn": "[0, inf)",
-        "clip_grad_vit": "[0, inf)", "freeze_last_layer": "[0, inf)"}
+        "clip_grad_vit": "[0, inf)", "freeze_last_layer": "[0, 10000]"}
     presets: ClassVar[dict] = {
         # ResNet-18 (CIFAR stem) + ViT-Tiny/4 at 32 px, 6 local crops of 16 px, K = 4096 (our small-scale choice); DINO's blur
         # radii (0.1-2 px, meant for 224 px crops) scaled by 32 / 224.
@@ -599,9 +599,9 @@ def main(cfg):
         training.compile_blocks(model)
     ddp = training.wrap_ddp(model, ctx)
     log = training.Logger(cfg, ctx, steps_per_epoch, start_epoch)
-    log.run_line("mokd", model, batches.accum, blr_cnn=cfg.blr_cnn, blr_vit=cfg.blr_vit)
-    log.warmups(lr=cfg.warmup_epochs, cnn_teacher_temperature=cfg.teacher_temp_epochs_cnn,
-                vit_teacher_temperature=cfg.teacher_temp_epochs_vit, last_layer_freeze=cfg.freeze_last_layer)
+    log.run_line("mokd", model, batches, blr_cnn=cfg.blr_cnn, blr_vit=cfg.blr_vit)
+    log.warmups(lr="warmup_epochs", cnn_teacher_temperature="teacher_temp_epochs_cnn",
+                vit_teacher_temperature="teacher_temp_epochs_vit", last_layer_freeze="freeze_last_layer")
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()  # teachers too: their BN uses batch statistics, as upstream

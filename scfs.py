@@ -69,14 +69,14 @@ class Config(TrainConfig):
     freeze_last_layer: int = 1  # epochs in which the DINO head's last layer is not updated (upstream main_scfs.py)
 
     limits: ClassVar[dict] = {
-        "input_size": "[1, inf)", "local_size": "[1, inf)", "local_crops": "[1, inf)", "global_scale_min": "(0, 1]",
+        "input_size": "[1, 4096]", "local_size": "[1, 4096]", "local_crops": "[1, inf)", "global_scale_min": "(0, 1]",
         "local_scale_min": "(0, 1]", "local_scale_max": "(0, 1]", "blur_radius_min": "[0, inf)",
         "blur_radius_max": "[0, inf)", "out_dim": "[1, inf)", "hidden_dim": "[1, inf)", "bottleneck_dim": "[1, inf)",
         "stage_bottleneck": "[1, inf)", "stage_hidden": "[1, inf)", "stage_dim": "[1, inf)",
         "student_temp": "(0, inf)", "teacher_temp": "(0, inf)", "warmup_teacher_temp": "(0, inf)",
-        "warmup_teacher_temp_epochs": "[0, inf)", "center_momentum": "[0, 1]", "momentum_teacher": "[0, 1]",
-        "warmup_epochs": "[0, inf)", "blr": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)",
-        "clip_grad": "[0, inf)", "freeze_last_layer": "[0, inf)"}
+        "warmup_teacher_temp_epochs": "[0, 10000]", "center_momentum": "[0, 1]", "momentum_teacher": "[0, 1]",
+        "warmup_epochs": "[0, 10000]", "blr": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)",
+        "clip_grad": "[0, inf)", "freeze_last_layer": "[0, 10000]"}
     presets: ClassVar[dict] = {
         # ResNet-18 with the CIFAR stem, 2 x 32 px + 6 x 16 px crops; maps 16/8/4 (globals), 8/4/2 (locals);
         # DINO's blur radii (0.1-2 px, meant for 224 px crops) scaled by 32 / 224.
@@ -387,6 +387,12 @@ def synthetic_batch(cfg, device):
     return [torch.randn(cfg.micro_batch, 3, s, s, device=device) for s in sizes]
 
 
+def compiled_regions(model):
+    """What --compile compiles: the four ResNet stages and the stage heads of student and teacher."""
+    return [m for net in (model.student, model.teacher)
+            for m in [getattr(net["encoder"], f"layer{k}") for k in range(1, 5)] + list(net["stage_heads"])]
+
+
 def train_step(ddp, optimizer, micro_batches, progress, cfg, ctx):
     """One optimizer step over a Step of micro-batches (also timed by bench.py). -> the step's stats."""
     model = training.unwrap(ddp)
@@ -413,16 +419,14 @@ def main(cfg):
     optimizer, schedule = make_optimizer(model, cfg, steps_per_epoch)  # method-specific
     start_epoch = training.resume(cfg, "scfs", model, optimizer, ctx)
     if cfg.compile:
-        for net in (model.student, model.teacher):  # method-specific: the ResNet stages and stage heads
-            for module in [getattr(net["encoder"], f"layer{k}") for k in range(1, 5)] + list(net["stage_heads"]):
-                module.compile()
+        training.compile_modules(compiled_regions(model))  # method-specific: ResNet stages and stage heads
     ddp = training.wrap_ddp(model, ctx)
     log = training.Logger(cfg, ctx, steps_per_epoch, start_epoch)
-    log.run_line("scfs", model, batches.accum, blr=cfg.blr)
+    log.run_line("scfs", model, batches, blr=cfg.blr)
     log.info(f"scfs: {cfg.model}, 2 x {cfg.input_size} px + {cfg.local_crops} x {cfg.local_size} px crops; "
              f"feature search at stages {model.stages or 'none (plain DINO)'}")  # method-specific
-    log.warmups(lr=cfg.warmup_epochs, teacher_temperature=cfg.warmup_teacher_temp_epochs,
-                last_layer_freeze=cfg.freeze_last_layer)
+    log.warmups(lr="warmup_epochs", teacher_temperature="warmup_teacher_temp_epochs",
+                last_layer_freeze="freeze_last_layer")
     arch = {"model": cfg.model, "input_size": cfg.input_size, "cifar_stem": cfg.cifar_stem}
 
     for epoch in range(start_epoch, cfg.epochs):

@@ -55,8 +55,8 @@ class Config(TrainConfig):
     clip_grad: float = 3.0  # global grad-norm clip (official README command: 3.0); 0: none
 
     limits: ClassVar[dict] = {
-        "input_size": "[1, inf)", "patch_size": "[1, inf)", "drop_path": "[0, 1)", "query_depth": "[1, inf)",
-        "blur_kernel": "[0, inf)", "blur_sigma": "(0, inf)", "warmup_epochs": "[0, inf)", "blr": "(0, inf)",
+        "input_size": "[1, 4096]", "patch_size": "[1, inf)", "drop_path": "[0, 1)", "query_depth": "[1, inf)",
+        "blur_kernel": "[0, inf)", "blur_sigma": "(0, inf)", "warmup_epochs": "[0, 10000]", "blr": "(0, inf)",
         "min_lr": "[0, inf)", "weight_decay": "[0, inf)", "clip_grad": "[0, inf)", "teacher_heads": "[0, inf)"}
     presets: ClassVar[dict] = {
         # ViT-Tiny/4 at 32 px (8 x 8 grid), a query block after every encoder block as ViT-B; blur 9/1 kept
@@ -340,7 +340,7 @@ def main(cfg):
         training.compile_blocks(model)  # encoder blocks and query blocks (QueryBlock is a Block)
     ddp = training.wrap_ddp(model, ctx)
     log = training.Logger(cfg, ctx, steps_per_epoch, start_epoch)
-    log.run_line("semaim", model, batches.accum, blr=cfg.blr)
+    log.run_line("semaim", model, batches, blr=cfg.blr)
     grid = model.encoder.grid  # method-specific
     log.info(f"semaim: {cfg.order} order over a {grid} x {grid} grid; {cfg.query_depth} query blocks, one "
              f"after every {model.step} encoder block(s); uniform centres would give centre_dist "
@@ -349,7 +349,7 @@ def main(cfg):
         teacher = model.feature_teacher.name if model.feature_teacher is not None else "its own unmasked features"
         centres = " and semantic centres" if cfg.order == "semantic" else ""
         log.info(f"semaim: SemAIM*, targets{centres} from {cfg.teacher}: {teacher}")
-    log.warmups(lr=cfg.warmup_epochs)
+    log.warmups(lr="warmup_epochs")
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()

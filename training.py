@@ -147,13 +147,23 @@ def unwrap(ddp):
     return ddp.module if isinstance(ddp, DDP) else ddp
 
 
-def compile_blocks(model):
-    """Regional compilation: compile each transformer common.Block in place (one graph shared by all blocks,
-    short compile times, parameter names unchanged). The method's own schedule and masking logic
-    stays eager, so changing schedule values never trigger recompiles."""
-    for m in model.modules():
-        if isinstance(m, common.Block):
-            m.compile()
+def compile_modules(modules, backend="inductor"):
+    """Regional compilation: compile each module in place (short compile times, parameter names unchanged). The
+    method's own schedule and masking logic stays eager, so changing schedule values never trigger recompiles.
+    Modules of one class share dynamo's cache of that class's forward: each structure (ViT blocks of the encoder and
+    of a narrower decoder, blocks with and without drop path; ResNet stages of other widths), grad mode (a teacher's
+    no-grad pass) and input shape (multi-crop: a static graph, then a dynamic one) is one more graph, at most 4 per
+    module. Dynamo's recompile limit (8 per function), past which it quietly runs the rest eagerly, is raised to
+    that. backend: tests pass a light one ("aot_eager_decomp_partition") that compiles in seconds on a CPU."""
+    modules = list(modules)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(modules))
+    for m in modules:
+        m.compile(backend=backend)
+
+
+def compile_blocks(model, backend="inductor"):
+    """compile_modules on each transformer common.Block of the model (blocks of one width share one graph)."""
+    compile_modules((m for m in model.modules() if isinstance(m, common.Block)), backend)
 
 
 # --- One optimizer step ------------------------------------------------------------------------------
@@ -349,6 +359,11 @@ def load_encoder(path, name=""):
     -> (encoder in eval mode, ckpt, arch); arch = {model, input_size, patch_size, num_frames, tubelet_size (ViT;
     num_frames > 1: a clip model) / cifar_stem (ResNet)}."""
     ckpt = load_checkpoint(path)
+    if ckpt["method"] == "finetune":  # a classifier: its encoder lost the final norm (global pool) and its features
+        source = ckpt["config"].get("checkpoint") or ""  # are tuned to its labels
+        fail(f"{path} is a fine-tuned classifier (written by finetune.py), not a pre-trained encoder; pass the "
+             + (f"pre-training checkpoint it started from instead: {source}" if source else
+                "checkpoint.pth of a pre-training run instead (hpm.py, droppos.py, semaim.py, mokd.py, scfs.py)"))
     if ckpt.get("encoders"):
         names = sorted(ckpt["encoders"])
         if not name and len(names) > 1:
@@ -498,21 +513,26 @@ class Logger:
         if self.ctx.main:
             self.bar.write(message)
 
-    def run_line(self, name, model, accum, **blrs):
-        """One line on the run: trainable parameters, each lr = blr x batch / 256 (blr=, or one per model:
-        blr_cnn=, blr_vit=), processes x micro-batches, steps per epoch, device and dtype."""
+    def run_line(self, name, model, batches, **blrs):
+        """One line on the run: the training images (clips) and classes found (common.Batches.found), trainable
+        parameters, each lr = blr x batch / 256 (blr=, or one per model: blr_cnn=, blr_vit=), processes x
+        micro-batches, steps per epoch, device and dtype."""
         cfg, ctx = self.cfg, self.ctx
         params = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
         lrs = ", ".join(f"{k[1:]} {b * cfg.batch_size / 256:.3g} = {k} {b:g} x {cfg.batch_size} / 256"
                         for k, b in blrs.items())
-        self.info(f"{name}: {params:.1f}M trainable params; {lrs}; {ctx.world} process(es) x {accum} micro-batch(es) "
-                  f"of {cfg.micro_batch}; {self.steps_per_epoch} steps/epoch; {ctx.device}, {ctx.dtype}")
+        self.info(f"{name}: {batches.found()}; {params:.1f}M trainable params; {lrs}; {ctx.world} process(es) x "
+                  f"{batches.accum} micro-batch(es) of {cfg.micro_batch}; {self.steps_per_epoch} steps/epoch; "
+                  f"{ctx.device}, {ctx.dtype}")
 
-    def warmups(self, **epochs):
-        """One line naming the warm-ups (name=epochs) longer than the run: they are cut off at its end."""
-        cut = [f"{name.replace('_', ' ')} ({e} epochs)" for name, e in epochs.items() if e > self.epochs]
+    def warmups(self, **flags):
+        """One line naming the warm-ups (name=the config field of its epochs) longer than the run: they are cut off
+        at its end; the line names the flags that switch them off for a quick check."""
+        cut = {name: flag for name, flag in flags.items() if getattr(self.cfg, flag) > self.epochs}
         if cut:
-            self.info(f"warm-up longer than the {self.epochs}-epoch run, cut off at its end: {', '.join(cut)}")
+            names = ", ".join(f"{name.replace('_', ' ')} ({getattr(self.cfg, flag)} epochs)" for name, flag in cut.items())
+            self.info(f"warm-up longer than the {self.epochs}-epoch run, cut off at its end: {names}; for a quick "
+                      f"check without it pass {' '.join(f'--{flag} 0' for flag in cut.values())}")
 
     def step(self, step, lr, stats):
         """Record one optimizer step's stats (detached tensors, e.g. from forward_backward)."""
@@ -579,8 +599,12 @@ class TrainConfig:
     log_every: int = 50  # optimizer steps between log lines (the first step is always logged)
 
     # The allowed range of every numeric field, in interval notation; parse_config checks them all.
-    limits: ClassVar[dict] = {"limit": "[0, inf)", "epochs": "[1, inf)", "batch_size": "[1, inf)", "micro_batch": "[1, inf)",
-                              "num_workers": "[0, inf)", "seed": "[0, 2147483647]", "log_every": "[1, inf)"}
+    # Upper bounds where a huge value would fail late or badly, beyond any recipe (MAE's longest run: 1600 epochs):
+    # epochs (per-step schedule arrays: 1e9 epochs allocate gigabytes; every program bounds its warm-ups and other
+    # epoch counts at 10000 too, and its image sides at 4096 px), loader workers (a fork each).
+    limits: ClassVar[dict] = {"limit": "[0, inf)", "epochs": "[1, 10000]", "batch_size": "[1, inf)",
+                              "micro_batch": "[1, inf)", "num_workers": "[0, 256]", "seed": "[0, 2147483647]",
+                              "log_every": "[1, inf)"}
     # Settings a resumed run may change: they do not change what is trained (more --epochs extends the run).
     free_on_resume: ClassVar[frozenset] = frozenset({
         "data_root", "output_dir", "epochs", "micro_batch", "num_workers", "device", "dtype", "compile", "resume",
@@ -601,9 +625,10 @@ def largest_divisor(n, cap):
 
 def parse_config(cls, argv=None):
     """Fields of `cls` become --flags (bools: --no-x); --preset loads new defaults (shown by --help), explicit
-    flags win; every numeric field is checked against the ranges in `limits`. For a TrainConfig, a micro-batch
-    or worker count not given on the command line follows the batch size and the cores (torchrun's WORLD_SIZE
-    and LOCAL_WORLD_SIZE are read here): the default is a cap, an explicit value is kept and checked."""
+    flags win; every numeric field is checked against the ranges in `limits`. A loader worker count not given on
+    the command line (any config with num_workers) follows the cores per process, and a TrainConfig's micro-batch
+    the batch size (torchrun's LOCAL_WORLD_SIZE and WORLD_SIZE are read here): the default is a cap, an explicit
+    value is kept and checked."""
     klasses = [k for k in reversed(cls.__mro__) if dataclasses.is_dataclass(k)]
     comments, limits = {}, {}
     for k in klasses:
@@ -632,6 +657,9 @@ def parse_config(cls, argv=None):
                 raise TypeError(f"{cls.__name__}.{name} has no range in `limits`")
             if not in_range(value, limits[name]):
                 fail(f"--{name} {value} is out of range; pass a value in {limits[name]}")
+    if "num_workers" in values and "num_workers" not in given:  # every config with loader workers (eval_linear too)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        values["num_workers"] = min(values["num_workers"], max(cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1))
     if issubclass(cls, TrainConfig):
         world = int(os.environ.get("WORLD_SIZE", 1))
         if values["batch_size"] % world:
@@ -642,7 +670,4 @@ def parse_config(cls, argv=None):
         elif per_process % values["micro_batch"]:
             fail(f"--batch_size {values['batch_size']} is not a multiple of --micro_batch {values['micro_batch']} x "
                  f"{world} process(es); change one of them (or leave --micro_batch out: it then divides the batch)")
-        if "num_workers" not in given:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            values["num_workers"] = min(values["num_workers"], max(cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1))
     return cls(**values)

@@ -4,19 +4,22 @@ malformed checkpoints, and resumes that check what they resume. In-process where
 import dataclasses
 import json
 import os
+import re
 
 import pytest
 import torch
 
 import bench
+import common
 import droppos
+import eval_linear
 import finetune
 import hpm
 import mokd
 import scfs
 import semaim
 import training
-from conftest import TINY, cpu_context, tiny_args
+from conftest import TINY, cpu_context, make_image_folder, tiny_args
 
 SCRIPTS = {"hpm": hpm, "droppos": droppos, "semaim": semaim, "mokd": mokd, "scfs": scfs, "finetune": finetune}
 
@@ -51,6 +54,11 @@ def test_one_epoch_with_the_presets_own_warmup(name, image_root, tmp_path, capsy
     assert lrs[2] < peak * 3 / (3 * cfg.warmup_epochs) + 1e-12  # 3 of the 3 x warmup_epochs warm-up steps
     out = capsys.readouterr().out
     assert out.count(f"warm-up longer than the 1-epoch run, cut off at its end: lr ({cfg.warmup_epochs} epochs)") == 1
+    # the line ends with the flags that switch each cut-off warm-up off: real fields, each longer than the run
+    hint = re.search(r"for a quick check without it pass ((?:--\w+ 0 ?)+)$", out, flags=re.M)
+    flags = re.findall(r"--(\w+) 0", hint.group(1))
+    assert flags[0] == "warmup_epochs" and all(getattr(cfg, f) > cfg.epochs for f in flags)
+    assert out.count(f"{name}: 24 images in 2 classes; ") == 1  # the start line: what it found
     if name in ("mokd", "scfs"):  # teacher temperature at its epoch-0 value
         assert all(r.get("teacher_temp", r.get("teacher_temp_cnn")) == pytest.approx(0.04) for r in log)
 
@@ -77,7 +85,7 @@ def test_batch_not_divisible_and_zero_epochs(name):
     message = error_of(lambda: training.parse_config(module.Config, ["--batch_size", "10", "--micro_batch", "4"]))
     assert message.startswith("error: --batch_size 10 is not a multiple of --micro_batch 4 x 1 process(es)")
     assert error_of(lambda: training.parse_config(module.Config, ["--epochs", "0"])) == (
-        "error: --epochs 0 is out of range; pass a value in [1, inf)")
+        "error: --epochs 0 is out of range; pass a value in [1, 10000]")
 
 
 def test_resuming_a_finished_run_says_so_and_exits_0(image_root, tmp_path, capsys):
@@ -147,6 +155,74 @@ def test_every_numeric_field_has_a_range():
         for klass in reversed(module.Config.__mro__):
             limits.update(vars(klass).get("limits", {}))
         assert set(numeric_fields(module.Config)) <= set(limits), module.__name__
+
+
+HUGE = ("epochs", "num_workers", "input_size", "local_size", "rand_ops", "probe_epochs")
+
+
+@pytest.mark.parametrize("name", [*SCRIPTS, "eval_linear"])
+def test_huge_values_are_one_line_errors(name):
+    """1e9 epochs (a 7 GiB schedule), workers (a fork storm), pixels (an allocation traceback), RandAugment ops (a
+    silent hang): refused when parsed, with the bound. bench.py parses the same configs. Every epoch count (warm-ups,
+    teacher-temperature ramps, last-layer freeze) has a finite bound too: DINO-style schedules allocate per epoch."""
+    config = eval_linear.Config if name == "eval_linear" else SCRIPTS[name].Config
+    limits = {}
+    for klass in reversed(config.__mro__):
+        limits.update(vars(klass).get("limits", {}))
+    fields = set(numeric_fields(config))
+    flags = [f for f in fields if f in HUGE or "epochs" in f or f == "freeze_last_layer"]
+    assert "epochs" in flags or name == "eval_linear"
+    for flag in flags:
+        high = limits[flag][1:-1].split(",")[1].strip()
+        assert high != "inf" and 10 <= float(high) <= 10000, (flag, limits[flag])
+        message = error_of(lambda: training.parse_config(config, [f"--{flag}", "1000000000"]))
+        assert message == f"error: --{flag} 1000000000 is out of range; pass a value in {limits[flag]}"
+
+
+@pytest.mark.parametrize("name", [n for n in SCRIPTS if n != "finetune"])
+def test_a_data_root_is_refused_with_the_split_to_pass(name, image_root, tmp_path):
+    """--data_path at the root holding train/ and val/: ImageFolder would read the two splits as two classes and
+    train on both; every pre-training program stops before any step and names the folder to pass."""
+    cfg = training.parse_config(SCRIPTS[name].Config, tiny_args(image_root, tmp_path, method=name))
+    message = error_of(lambda: SCRIPTS[name].main(cfg))
+    assert message.startswith(f"error: {image_root} holds train/, val/ (the splits of a data set)")
+    assert message.endswith(f"pass --data_path {image_root / 'train'}")
+    assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_a_folder_of_data_sets_is_refused_and_deep_images_are_not(tmp_path):
+    """Class folders that hold only folders (a folder of data sets, one level too high) stop with one line naming
+    one of them; ImageFolder's files at any depth below a class that holds images itself still count."""
+    make_image_folder(str(tmp_path / "sets" / "cifar"), per_class=2)
+    make_image_folder(str(tmp_path / "sets" / "pets"), per_class=2)
+    message = error_of(lambda: common.image_dataset(str(tmp_path / "sets"), None))
+    assert "(folders of folders)" in message and message.endswith(f"pass --data_path {tmp_path / 'sets' / 'cifar'}")
+    root = make_image_folder(str(tmp_path / "ok"), per_class=2)
+    make_image_folder(os.path.join(root, "c0", "more"), classes=1, per_class=2)
+    assert len(common.image_dataset(root, None)) == 6
+    # finetune.py and eval_linear.py take the root: a split given instead names its parent
+    make_image_folder(str(tmp_path / "data" / "train"), per_class=2)
+    make_image_folder(str(tmp_path / "data" / "val"), per_class=2)
+    message = error_of(lambda: common.split_folders(str(tmp_path / "data" / "train")))
+    assert message.endswith(f"--data_path {tmp_path / 'data'}")
+    assert common.split_folders(str(tmp_path / "data")) == (str(tmp_path / "data" / "train"),
+                                                            str(tmp_path / "data" / "val"))
+
+
+def test_the_start_line_counts_what_limit_keeps(image_root):
+    cfg = training.parse_config(hpm.Config, tiny_args(image_root / "train", "unused", "--limit", "8"))
+    dataset = common.image_dataset(str(image_root / "train"), None)
+    assert common.Batches(dataset, cfg, cpu_context()).found() == "8 of 24 images in 2 classes (--limit 8)"
+    cfg = training.parse_config(hpm.Config, tiny_args(image_root / "train", "unused", "--limit", "24"))
+    assert common.Batches(dataset, cfg, cpu_context()).found() == "24 images in 2 classes"
+
+
+def test_loader_workers_follow_the_cores_in_every_config(monkeypatch):
+    """eval_linear's 8 workers on 2 cores: capped like the training programs' (an explicit value is kept)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    for config in (eval_linear.Config, hpm.Config, finetune.Config):
+        assert training.parse_config(config, []).num_workers == 2
+        assert training.parse_config(config, ["--num_workers", "5"]).num_workers == 5
 
 
 # --- presets that follow the user ----------------------------------------------------------------------------

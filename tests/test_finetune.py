@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import common
 import droppos
+import eval_linear
 import finetune
 import hpm
 import mokd
@@ -329,3 +330,57 @@ def test_bad_input_gives_one_line_errors(image_root, checkpoints, tmp_path):
                        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert p.returncode == 1 and lines[-1].startswith("error: --data_path") and "Traceback" not in p.stderr
+
+
+def test_a_video_checkpoint_and_a_fine_tuned_one_are_refused_with_what_to_pass(image_root, tmp_path):
+    """A clip encoder (hpm.py --num_frames 4): finetune.py fine-tunes images only, one line. A checkpoint that
+    finetune.py wrote: a fine-tuned classifier, for eval_linear.py and finetune.py alike, naming the pre-training
+    checkpoint it started from."""
+    clip_cfg = training.parse_config(hpm.Config, tiny_args(image_root / "train", tmp_path / "clip", "--num_frames", "4",
+                                                         "--tubelet_size", "2"))
+    os.makedirs(clip_cfg.output_dir)
+    model = hpm.build(clip_cfg)
+    training.save_checkpoint(clip_cfg, "hpm", model, training.adamw(model, 1e-3, 0.05), 1, cpu_context())
+    base = tiny_args(image_root, tmp_path / "out", method="finetune")
+    message = one_line_error(base + ["--checkpoint", str(tmp_path / "clip" / "checkpoint.pth")])
+    assert "video encoder (4 frames per clip)" in message and "fine-tunes image classifiers only" in message
+    tuned = tmp_path / "tuned.pth"
+    torch.save({"method": "finetune", "model": {}, "epoch": 3, "config": {"checkpoint": "runs/hpm/checkpoint.pth"}},
+               tuned)
+    message = one_line_error(base + ["--checkpoint", str(tuned)])
+    assert "is a fine-tuned classifier" in message and message.endswith("instead: runs/hpm/checkpoint.pth")
+    with pytest.raises(SystemExit, match="^error: .* is a fine-tuned classifier"):
+        eval_linear.main(training.parse_config(eval_linear.Config, [
+            "--checkpoint", str(tuned), "--data_path", str(image_root), "--num_workers", "0"]))
+
+
+def test_a_kill_in_the_last_best_copy_is_healed_by_any_rerun(image_root, tmp_path, monkeypatch, capsys):
+    """--limit 16 of 24 images, 1 epoch, killed while copying the (best) last checkpoint to checkpoint_best.pth: the
+    rerun of the finished run restores it before saying there is nothing to train (exit 0), and removes the torn
+    copy; a longer rerun trains on, and its start line and final JSON count the 16 images it trains on."""
+    args = tiny_args(image_root, tmp_path, "--limit", "16", "--epochs", "1", method="finetune")
+    keep_best = finetune.keep_best
+
+    def torn_copy(path, output_dir):
+        (tmp_path / "checkpoint_best.pth.tmp").write_bytes(b"torn")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(finetune, "keep_best", torn_copy)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(training.parse_config(finetune.Config, args))
+    monkeypatch.setattr(finetune, "keep_best", keep_best)
+    assert not (tmp_path / "checkpoint_best.pth").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        finetune.main(training.parse_config(finetune.Config, args))
+    err = capsys.readouterr().err
+    assert e.value.code == 0 and "nothing to train" in err
+    assert err.index("checkpoint_best.pth restored") < err.index("nothing to train")
+    best, last = (training.load_checkpoint(str(tmp_path / n), "finetune") for n in ("checkpoint_best.pth",
+                                                                                   "checkpoint.pth"))
+    assert best["epoch"] == best["best_epoch"] == 1 and all(torch.equal(best["model"][k], v)
+                                                             for k, v in last["model"].items())
+    assert not (tmp_path / "checkpoint_best.pth.tmp").exists()
+    finetune.main(training.parse_config(finetune.Config, [*args, "--epochs", "2"]))
+    out = capsys.readouterr().out
+    assert "finetune: 16 of 24 images in 2 classes (--limit 16); " in out
+    assert json.loads(out.strip().splitlines()[-1])["train_images"] == 16

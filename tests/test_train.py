@@ -16,7 +16,7 @@ import mokd
 import scfs
 import semaim
 import training
-from conftest import ROOT, make_image_folder, tiny_args
+from conftest import ROOT, make_image_folder, tiny_args, write_own_checkpoint
 
 
 def run(script, *args, env=None):
@@ -278,6 +278,20 @@ def test_eval_linear_on_a_tiny_checkpoint(image_root, tmp_path):
                                cfg, torch.device("cpu"))
     assert x.shape == (24, 192)
     assert eval_linear.knn_top1(x, y, x, y, 1, 0.07, 2) == 100.0
+
+
+def test_eval_linear_clamps_knn_k_to_the_training_samples(image_root, tmp_path, capsys):
+    """--limit 6 leaves 6 training features, fewer than --knn_k 20 (a topk error before): k-NN votes over all 6, one
+    line says so, the JSON records k; the start line names what was found and kept."""
+    write_own_checkpoint(str(tmp_path / "own"))
+    cfg = training.parse_config(eval_linear.Config, [
+        "--checkpoint", str(tmp_path / "own" / "checkpoint.pth"), "--data_path", str(image_root), "--num_workers", "0",
+        "--probe_epochs", "1", "--limit", "6", "--device", "cpu"])
+    result = eval_linear.main(cfg)
+    err = capsys.readouterr().err
+    assert err.count("--knn_k 20 is more than the 6 training samples; the k-NN vote uses all 6") == 1
+    assert "train 6 of 24 images in 2 classes, val 6 of 24 images in 2 classes (--limit 6)" in err
+    assert result["knn_k"] == 6 and result["train_images"] == 6 and 0 <= result["knn_top1"] <= 100
 
 
 def test_eval_linear_rejects_a_foreign_file(tmp_path):

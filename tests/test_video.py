@@ -350,6 +350,36 @@ def test_corrupt_frame_skips_its_video_with_a_warning(tmp_path, capsys):
     assert "warning" not in capsys.readouterr().err  # reported once
 
 
+def test_short_videos_are_counted_once_and_odd_frame_sizes_resized(tmp_path, capsys):
+    """Videos of 6 frames for clips of 4 x 2 = 8 frames: one line at start with the count and the shortest (a video of
+    10 frames is not counted). A frame of another size (a re-encoded frame): resized to the first frame's, so the
+    clip stacks, and the video is named once."""
+    root = make_clip_folder(str(tmp_path / "clips"), per_class=1, frames=6)
+    longer = os.path.join(root, "up", "video000")
+    for f in range(6, 10):
+        Image.open(os.path.join(longer, "00000.jpg")).save(os.path.join(longer, f"{f:05d}.jpg"))
+    odd = os.path.join(root, "down", "video000")
+    Image.open(os.path.join(odd, "00002.jpg")).resize((40, 24)).save(os.path.join(odd, "00002.jpg"))
+    dataset = common.clip_dataset(root, common.ClipTransform(transforms.PILToTensor()), 4, 2, train=False)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "3 of 4 videos" in err and "= 8 frames" in err
+    assert f"(the shortest, {odd}, has 6)" in err
+    clip = dataset[0][0]  # down/video000: frames 0, 2, 4, 5
+    assert clip.shape == (3, 4, 32, 32) and dataset[0][2] == 0
+    dataset[0]
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and f"the frames of video {odd} differ in size (32x32, 40x24)" in err
+
+
+def test_a_clip_root_is_refused_with_the_split_to_pass(tmp_path):
+    make_clip_folder(str(tmp_path / "train"), per_class=1, frames=2)
+    make_clip_folder(str(tmp_path / "val"), per_class=1, frames=2)
+    with pytest.raises(SystemExit) as e:
+        common.clip_dataset(str(tmp_path), None, 2, 1)
+    assert str(e.value).startswith(f"error: {tmp_path} holds train/, val/ (the splits of a data set)")
+    assert str(e.value).endswith(f"pass --data_path {tmp_path / 'train'}")
+
+
 def test_video_files_without_torchcodec_are_one_line_error(tmp_path, monkeypatch):
     os.makedirs(tmp_path / "c")
     (tmp_path / "c" / "a.mp4").write_bytes(b"\0")
