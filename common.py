@@ -2,13 +2,12 @@
 
 ViT with timm's parameter names on one SDPA attention (also space-time, on clips), fixed sin-cos position
 embeddings, patchify, torchvision ResNets with their stage outputs, MAE and VideoMAE augmentation, image-folder
-and clip-folder loading with one-line errors, and the batch stream of an optimizer step. A method's model needs
-only this file; the training programs add training.py (process setup, the accumulation step, schedules,
-checkpoints, logging, config) and, for feature targets, teachers.py.
+and clip-folder loading with one-line errors. A method's model needs only this file; the training programs add
+training.py (process setup, the batch stream and accumulation step, schedules, checkpoints, logging, config) and,
+for feature targets, teachers.py.
 Shapes: B batch, N patches (clips: tubelets), D width, P = patch*patch*3 (clips: tubelet*patch*patch*3).
 """
 import importlib.util
-import itertools
 import math
 import os
 import sys
@@ -625,93 +624,3 @@ def subset(dataset, limit):
         return dataset
     step = len(dataset) / limit
     return torch.utils.data.Subset(dataset, [int(i * step) for i in range(limit)])
-
-
-class Step:
-    """The micro-batches of one optimizer step: len() of them, read lazily, so one is on the device at a time."""
-    def __init__(self, stream, count):
-        self.stream, self.count = stream, count
-
-    def __len__(self):
-        return self.count
-
-    def __iter__(self):
-        return itertools.islice(self.stream, self.count)
-
-
-class Batches:
-    """Epoch-wise iteration over a training set in optimizer steps of cfg.batch_size images: per process
-    batch_size / world images, in micro-batches of cfg.micro_batch (gradient accumulation makes up the rest);
-    a fresh seeded shuffle and augmentation stream each epoch (so a resumed run sees the same images as an
-    uninterrupted one); images moved to the device; a count of unreadable files that stops the run once most
-    files fail. Images past the last full step of an epoch are left out (drop_last, as MAE and DINO).
-    A data set smaller than one batch (a quick check on a few images) trains one smaller step per epoch: the
-    batch shrinks to the images (in equal micro-batches of at most cfg.micro_batch), and cfg.batch_size and
-    cfg.micro_batch are set to it before the lr (blr x batch / 256), the log and the checkpoint's config read
-    them; one line says so.
-    labels=True yields (images, labels) pairs instead of images (supervised training: finetune.py)."""
-
-    def __init__(self, dataset, cfg, ctx, labels=False):
-        self.files = getattr(dataset, "samples", None)  # (path, label) per index, to name an unreadable file
-        self.kind = "clips" if isinstance(dataset, ClipFolder) else "images"
-        self.total, self.classes, self.limit = len(dataset), len(getattr(dataset, "classes", ())), cfg.limit
-        dataset = subset(dataset, cfg.limit)
-        self.size = len(dataset)  # what is trained on: --limit of them
-        per_process = cfg.batch_size // ctx.world
-        if cfg.batch_size % ctx.world or per_process % cfg.micro_batch:
-            fail(f"--batch_size {cfg.batch_size} is not a multiple of --micro_batch {cfg.micro_batch} x {ctx.world} "
-                 "process(es); change one of them (or leave --micro_batch unset: it then divides the batch)")
-        images = len(dataset) // ctx.world  # per process (DistributedSampler with drop_last)
-        if 0 < images < per_process:
-            accum = -(-images // cfg.micro_batch)  # as few micro-batches as the cap allows, of equal size
-            micro = images // accum
-            smaller = accum * micro * ctx.world
-            if ctx.main:
-                print(f"{len(dataset)} images make no full batch of --batch_size {cfg.batch_size}: each epoch is one "
-                      f"step of {smaller} ({ctx.world} process(es) x {accum} micro-batch(es) of {micro}), "
-                      "the lr scaled to it", file=sys.stderr)
-            cfg.batch_size, cfg.micro_batch, per_process = smaller, micro, smaller // ctx.world
-        self.accum = per_process // cfg.micro_batch
-        self.sampler = torch.utils.data.DistributedSampler(
-            dataset, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=cfg.seed, drop_last=True)
-        self.generator = torch.Generator()
-        self.loader = torch.utils.data.DataLoader(
-            dataset, cfg.micro_batch, sampler=self.sampler, num_workers=cfg.num_workers, drop_last=True,
-            pin_memory=ctx.device.type == "cuda", generator=self.generator)
-        self.steps_per_epoch = len(self.loader) // self.accum
-        if self.steps_per_epoch == 0:
-            fail(f"{len(dataset)} images are fewer than the {ctx.world} processes; pass a data set with more images")
-        self.seed, self.device, self.read, self.skipped = cfg.seed, ctx.device, 0, 0
-        self.labels = labels
-
-    def found(self):
-        """'24 images in 2 classes', or with --limit '8 of 24 images in 2 classes (--limit 8)'."""
-        limited = f"{self.size} of " if self.size < self.total else ""
-        return (f"{limited}{self.total} {self.kind} in {self.classes} class{'es' * (self.classes != 1)}"
-                + (f" (--limit {self.limit})" if limited else ""))
-
-    def epoch(self, epoch):
-        """The epoch's optimizer steps, each a Step of `accum` micro-batches on the device."""
-        self.sampler.set_epoch(epoch)
-        self.generator.manual_seed(self.seed + 1000 * epoch)  # loader workers' augmentation seeds
-        stream = self._micro_batches()
-        for _ in range(self.steps_per_epoch):
-            yield Step(stream, self.accum)
-        stream.close()  # shuts the loader's workers down now, not when garbage-collected
-
-    def _micro_batches(self):
-        for images, labels, skipped in self.loader:  # images: a tensor, or a list of crops (multi-crop)
-            if int(skipped.min()) < 0:  # a CPU tensor from the loader: no device sync
-                index = -int(skipped.min()) - 1
-                fail(f"{ImageFolder.max_skips} files in a row could not be read (from {self.files[index][0]}); "
-                     "check the dataset's files")
-            self.read += len(skipped)
-            self.skipped += int(skipped.sum())
-            if self.skipped > max(self.read, 8):  # more unreadable files than readable ones
-                fail(f"most images could not be read ({self.skipped} unreadable, {self.read} read); check the dataset")
-            if isinstance(images, (list, tuple)):  # crop-major: V tensors of (B, 3, h, w)
-                yield [x.to(self.device, non_blocking=True) for x in images]
-            elif self.labels:
-                yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-            else:
-                yield images.to(self.device, non_blocking=True)

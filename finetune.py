@@ -376,7 +376,7 @@ def main(cfg):
     if cfg.checkpoint:
         pretrained, cfg, source = load_pretrained(cfg)  # method-specific
     model = build(cfg, len(train_set.classes), pretrained).to(ctx.device)
-    batches = common.Batches(train_set, cfg, ctx, labels=True)
+    batches = training.Batches(train_set, cfg, ctx, labels=True)
     steps_per_epoch, total_steps = batches.steps_per_epoch, cfg.epochs * batches.steps_per_epoch
     optimizer, schedule = make_optimizer(model, cfg, steps_per_epoch)
     best_top1, best_epoch = resume_best(cfg, ctx)  # method-specific: before resume, which stops a finished run

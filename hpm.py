@@ -408,7 +408,7 @@ def main(cfg):
                                       cfg.sampling_rate)
     else:
         dataset = common.image_dataset(cfg.data_path, common.mae_transform(cfg.input_size), cfg.data_root)
-    batches = common.Batches(dataset, cfg, ctx)
+    batches = training.Batches(dataset, cfg, ctx)
     steps_per_epoch, total_steps = batches.steps_per_epoch, cfg.epochs * batches.steps_per_epoch
     optimizer, schedule = make_optimizer(model, cfg, steps_per_epoch)
     start_epoch = training.resume(cfg, "hpm", model, optimizer, ctx)

@@ -591,7 +591,7 @@ def main(cfg):
     crops = MultiCrop(cfg.input_size, cfg.local_size, cfg.local_crops, (cfg.global_scale_min, 1.0),
                       (cfg.local_scale_min, cfg.global_scale_min), (cfg.blur_radius_min, cfg.blur_radius_max))
     dataset = common.image_dataset(cfg.data_path, crops, cfg.data_root)
-    batches = common.Batches(dataset, cfg, ctx)
+    batches = training.Batches(dataset, cfg, ctx)
     steps_per_epoch, total_steps = batches.steps_per_epoch, cfg.epochs * batches.steps_per_epoch
     optimizer, schedule = make_optimizer(model, cfg, steps_per_epoch)
     start_epoch = training.resume(cfg, "mokd", model, optimizer, ctx)

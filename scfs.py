@@ -414,7 +414,7 @@ def main(cfg):
                           (cfg.local_scale_min, cfg.local_scale_max),
                           (cfg.blur_radius_min, cfg.blur_radius_max))  # method-specific
     dataset = common.image_dataset(cfg.data_path, transform, cfg.data_root)
-    batches = common.Batches(dataset, cfg, ctx)
+    batches = training.Batches(dataset, cfg, ctx)
     steps_per_epoch, total_steps = batches.steps_per_epoch, cfg.epochs * batches.steps_per_epoch
     optimizer, schedule = make_optimizer(model, cfg, steps_per_epoch)  # method-specific
     start_epoch = training.resume(cfg, "scfs", model, optimizer, ctx)

@@ -332,7 +332,7 @@ def main(cfg):
     ctx = training.setup(cfg)
     model = build(cfg).to(ctx.device)  # method-specific
     dataset = common.image_dataset(cfg.data_path, common.mae_transform(cfg.input_size), cfg.data_root)
-    batches = common.Batches(dataset, cfg, ctx)
+    batches = training.Batches(dataset, cfg, ctx)
     steps_per_epoch, total_steps = batches.steps_per_epoch, cfg.epochs * batches.steps_per_epoch
     optimizer, schedule = make_optimizer(model, cfg, steps_per_epoch)
     start_epoch = training.resume(cfg, "semaim", model, optimizer, ctx)

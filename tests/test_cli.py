@@ -212,9 +212,9 @@ def test_a_folder_of_data_sets_is_refused_and_deep_images_are_not(tmp_path):
 def test_the_start_line_counts_what_limit_keeps(image_root):
     cfg = training.parse_config(hpm.Config, tiny_args(image_root / "train", "unused", "--limit", "8"))
     dataset = common.image_dataset(str(image_root / "train"), None)
-    assert common.Batches(dataset, cfg, cpu_context()).found() == "8 of 24 images in 2 classes (--limit 8)"
+    assert training.Batches(dataset, cfg, cpu_context()).found() == "8 of 24 images in 2 classes (--limit 8)"
     cfg = training.parse_config(hpm.Config, tiny_args(image_root / "train", "unused", "--limit", "24"))
-    assert common.Batches(dataset, cfg, cpu_context()).found() == "24 images in 2 classes"
+    assert training.Batches(dataset, cfg, cpu_context()).found() == "24 images in 2 classes"
 
 
 def test_loader_workers_follow_the_cores_in_every_config(monkeypatch):

@@ -66,7 +66,7 @@ def test_multicrop_shapes_and_batches_of_crop_lists(image_root):
     assert [tuple(c.shape) for c in out] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
     dataset = common.image_dataset(str(image_root / "train"), crops)
     cfg = training.TrainConfig(batch_size=8, micro_batch=4, num_workers=0)
-    batches = common.Batches(dataset, cfg, cpu_context())
+    batches = training.Batches(dataset, cfg, cpu_context())
     step = next(batches.epoch(0))
     assert len(step) == 2  # 8 images per step in micro-batches of 4
     first = next(iter(step))
