@@ -62,7 +62,7 @@ class Config:
     seed: int = 0  # seeds the masks, orders and crops: the same seed draws the same picture
     device: str = "auto"  # auto (cuda if available), cpu, cuda or cuda:N
 
-    limits: ClassVar[dict] = {"num_images": "[1, inf)", "cell": "[1, inf)", "seed": "[0, 2147483647]"}
+    limits: ClassVar[dict] = {"num_images": "[1, 256]", "cell": "[1, 1024]", "seed": "[0, 2147483647]"}
 
 
 METHODS = {"hpm": hpm, "droppos": droppos, "semaim": semaim, "mokd": mokd, "scfs": scfs}  # by checkpoint["method"]
