@@ -304,11 +304,7 @@ def feature_teacher(cfg):
                     "features --teacher FILE: add them or drop it")
     if cfg.target == "pixels" and not cfg.teacher:
         return None
-    try:  # feature targets only: the paper's pixel runs need no teachers.py
-        import teachers
-    except ModuleNotFoundError:
-        common.fail(f"--target {cfg.target} --teacher {cfg.teacher} needs teachers.py beside this file; copy it from "
-                    "the repository")
+    teachers = training.optional("teachers", f"--target {cfg.target} --teacher {cfg.teacher}")  # pixels need none
     return teachers.target_teacher(cfg, self_ok=True)
 
 

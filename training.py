@@ -7,6 +7,7 @@ this file reads. Imports run one way: common.py <- training.py <- the programs.
 """
 import argparse
 import dataclasses
+import importlib
 import inspect
 import itertools
 import json
@@ -671,6 +672,17 @@ class Logger:
 
 
 # --- Config: a dataclass becomes --flags; its field comments become --help -------------------------
+def optional(module, what):
+    """A file of ours that only some runs import (teachers.py, for feature targets), imported when a run needs it;
+    one line where it was not copied along."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:  # the file is there; something it imports is not
+            raise
+        fail(f"{what} needs {module}.py beside this file; copy it from the repository")
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """The settings this file reads (setup, Batches, Logger, save_checkpoint, resume). Every training program's

@@ -131,7 +131,8 @@ def run_in(folder, code_or_args, *, script=False):
 @pytest.mark.parametrize("method", ["hpm", "mokd"])
 def test_copied_files_alone_run_the_model_and_the_program(method, tmp_path):
     """this file + common.py: the model trains one step (no training.py there); + training.py: the program runs
-    one tiny epoch and writes its checkpoint; the model-only copy asked to run the program says what it lacks."""
+    one tiny epoch and writes its checkpoint; the model-only copy asked to run the program says what it lacks, and so
+    does HPM's program copy asked for feature targets without teachers.py."""
     model_dir, program_dir = tmp_path / "model", tmp_path / "program"
     for folder, files in ((model_dir, USES["the model"]), (program_dir, USES["the program"])):
         folder.mkdir()
@@ -164,3 +165,8 @@ def test_copied_files_alone_run_the_model_and_the_program(method, tmp_path):
     out = run_in(program_dir, [f"{method}.py", *args], script=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert os.path.isfile(program_dir / "out" / "checkpoint.pth")
+    if method == "hpm":  # the program copy without teachers.py: feature targets ask for it in one line
+        args[args.index("out")] = "out_features"
+        out = run_in(program_dir, [f"{method}.py", *args, "--target", "features", "--teacher", "t.pt"], script=True)
+        last = out.stderr.strip().splitlines()[-1]
+        assert out.returncode == 1 and last.startswith("error: ") and "teachers.py" in last, out.stderr[-2000:]
