@@ -229,7 +229,8 @@ def read_torchscript(path, archive, root):
 
 def read_safetensors(path):
     """A .safetensors file: 8 bytes of header length (little-endian), a JSON header {name: {dtype, shape,
-    data_offsets}} and the tensors' bytes (the format's spec, huggingface/safetensors); data only. -> state dict"""
+    data_offsets}} and the tensors' bytes (the layout huggingface/safetensors' README gives); data only.
+    -> state dict"""
     with open(path, "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
         data = bytearray(f.read())
