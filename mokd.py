@@ -41,7 +41,7 @@ class Config(TrainConfig):
     local_size: int = 96  # local crop side (upstream dino_augmentation.py: 96)
     patch_size: int = 16  # ViT patch side (official README: 16)
     local_crops: int = 8  # n local crops per image, at least 1: the search loss lives on them (official README: 8)
-    global_scale_min: float = 0.25  # global crops cover (this, 1) of the image; locals (local_scale_min, this)
+    global_scale_min: float = 0.25  # global crops: area (this, 1); locals: (local_scale_min, this) (official README)
     local_scale_min: float = 0.05  # lower area bound of the local crops (official README)
     blur_radius_min: float = 0.1  # Gaussian blur radius range in pixels, all crops (DINO utils.py: 0.1 to 2)
     blur_radius_max: float = 2.0  # its upper end
